@@ -1,0 +1,86 @@
+/* vmmkit's native helpers: ioctl wrappers that report errno, and the vCPU
+ * exit decoder. cffi releases the GIL around every call into this file, so a
+ * vCPU blocked in KVM_RUN never holds up the other threads. */
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/kvm.h>
+
+struct vmm_exit {
+    uint32_t reason;
+    uint8_t io_direction;     /* KVM_EXIT_IO_IN / _OUT */
+    uint8_t io_size;
+    uint16_t io_port;
+    uint32_t io_count;
+    uint64_t io_data_offset;  /* offset of the data in the kvm_run mapping */
+    uint64_t mmio_phys_addr;
+    uint32_t mmio_len;
+    uint8_t mmio_is_write;
+    uint8_t mmio_data[8];
+    uint32_t system_event_type;
+    uint64_t hw_reason;       /* fail_entry / hw exit reason */
+    uint32_t internal_suberror;
+};
+
+static long vmm_ioctl(int fd, unsigned long request, void *arg)
+{
+    long r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+static long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg)
+{
+    long r = ioctl(fd, request, arg);
+    return r < 0 ? -errno : r;
+}
+
+/* One KVM_RUN, decoded. Returns 0, or -errno (-EINTR when kicked). */
+static int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out)
+{
+    long r = ioctl(fd, KVM_RUN, 0);
+    if (r < 0)
+        return -errno;
+    memset(out, 0, sizeof(*out));
+    out->reason = run->exit_reason;
+    switch (run->exit_reason) {
+    case KVM_EXIT_IO:
+        out->io_direction = run->io.direction;
+        out->io_size = run->io.size;
+        out->io_port = run->io.port;
+        out->io_count = run->io.count;
+        out->io_data_offset = run->io.data_offset;
+        break;
+    case KVM_EXIT_MMIO:
+        out->mmio_phys_addr = run->mmio.phys_addr;
+        out->mmio_len = run->mmio.len;
+        out->mmio_is_write = run->mmio.is_write;
+        memcpy(out->mmio_data, run->mmio.data, 8);
+        break;
+    case KVM_EXIT_SYSTEM_EVENT:
+        out->system_event_type = run->system_event.type;
+        break;
+    case KVM_EXIT_FAIL_ENTRY:
+        out->hw_reason = run->fail_entry.hardware_entry_failure_reason;
+        break;
+    case KVM_EXIT_UNKNOWN:
+        out->hw_reason = run->hw.hardware_exit_reason;
+        break;
+    case KVM_EXIT_INTERNAL_ERROR:
+        out->internal_suberror = run->internal.suberror;
+        break;
+    }
+    return 0;
+}
+
+/* The answer to an MMIO read exit, copied in before the next KVM_RUN. */
+static void vmm_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len)
+{
+    if (len > 8)
+        len = 8;
+    memcpy(run->mmio.data, data, len);
+}
+
+static void vmm_set_immediate_exit(struct kvm_run *run, uint8_t value)
+{
+    run->immediate_exit = value;
+}

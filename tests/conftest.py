@@ -1,0 +1,1 @@
+"""Shared test setup. Guest routing (lab or here) comes from vmmkit's pytest plugin."""

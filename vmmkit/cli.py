@@ -1,0 +1,94 @@
+"""The `vmmkit` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import VmmkitError
+
+
+def _progress(msg: str) -> None:
+    print(f"vmmkit: {msg}", file=sys.stderr, flush=True)
+
+
+def cmd_lab(args) -> int:
+    from .lab.run import run_in_lab
+    argv = list(args.command)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return run_in_lab(argv, shares=args.share, memory=args.memory, cpus=args.cpus, timeout=args.timeout)
+
+
+def cmd_guest_build(args) -> int:
+    from .guest import build
+    extras = [p for item in args.with_ or [] for p in item.split(",") if p]
+    files = build.build(extras, progress=_progress, force=args.force, reset=args.reset)
+    print(files.directory)
+    return 0
+
+
+def cmd_guest_show(args) -> int:
+    from .guest import build
+    files = build.show()
+    if args.json:
+        print(json.dumps(files.as_dict(), indent=2))
+        return 0
+    print(f"built:     {'yes' if files.built else 'no (run: vmmkit guest build)'}")
+    print(f"directory: {files.directory}")
+    print(f"kernel:    {files.kernel}")
+    print(f"initrd:    {files.initrd}")
+    print(f"rootfs:    {files.rootfs or '(none: the initramfs is the root)'}")
+    if files.built:
+        print(f"release:   {files.release} ({files.kernel_package} {files.kernel_version})")
+        print(f"extras:    {', '.join(files.extras) or '(none)'}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The argument parser, with one subcommand per verb."""
+    parser = argparse.ArgumentParser(prog="vmmkit", description="A KVM virtual machine monitor built from plugins.")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    lab = sub.add_parser("lab", help="run a command inside the KVM lab (an emulated machine with real KVM)",
+                         description="Run CMD inside the KVM lab: an emulated x86 machine whose /dev/kvm is "
+                         "ordinary KVM. Needed on hosts without hardware virtualization (PVM hosts, "
+                         "containers, CI runners). The host's root is visible read-only with a scratch "
+                         "overlay; --share makes host directories writable inside.")
+    lab.add_argument("--share", action="append", default=[], metavar="DIR", help="host directory writable inside the lab")
+    lab.add_argument("--memory", default="8G", help="lab memory (default 8G)")
+    lab.add_argument("--cpus", type=int, default=2, help="lab vCPUs (default 2)")
+    lab.add_argument("--timeout", type=float, default=None, help="kill the lab after this many seconds")
+    lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    lab.set_defaults(func=cmd_lab)
+
+    guest = sub.add_parser("guest", help="the default guest (kernel and initramfs from Debian packages)")
+    gsub = guest.add_subparsers(dest="guest_verb", required=True)
+    gb = gsub.add_parser("build", help="build the default guest into the cache (once)")
+    gb.add_argument("--with", dest="with_", action="append", metavar="PKG,...",
+                    help="add Debian packages' programs with their libraries (e.g. socat,fio,e2fsprogs)")
+    gb.add_argument("--force", action="store_true", help="rebuild even if the cache is current")
+    gb.add_argument("--reset", action="store_true", help="drop the packages added by earlier --with")
+    gb.set_defaults(func=cmd_guest_build)
+    gs = gsub.add_parser("show", help="where the default guest's files are")
+    gs.add_argument("--json", action="store_true")
+    gs.set_defaults(func=cmd_guest_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vmmkit` command; user errors print one line, no traceback."""
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except VmmkitError as exc:
+        print(f"vmmkit: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Device models that the VMM puts on its buses (legacy PC devices and friends)."""

@@ -1,0 +1,187 @@
+"""`vmmkit guest build`: the default guest from Debian packages.
+
+The default guest is the Debian cloud kernel's bzImage and a busybox
+initramfs holding the virtio modules and an /init that either runs the
+command passed with ``--exec`` or starts a shell on the console. It is built
+once into the cache; later calls find the manifest and do nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+
+import attrs
+
+from .. import paths
+from . import apt
+from .initramfs import InitramfsBuilder, new_work_dir, unpack_kernel
+
+KERNEL_META = "linux-image-cloud-amd64"
+BUSYBOX = "busybox-static"
+GUEST_MODULES = [
+    "virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_mem", "virtio-rng",
+    "fuse", "virtiofs", "vsock", "vmw_vsock_virtio_transport", "vmw_vsock_virtio_transport_common",
+    "ext4", "crc32c_generic",
+]
+FORMAT = 2  # bump when the image layout or /init changes, so caches rebuild
+
+EXEC_PARAM = "vmmkit.exec"
+# The console carries kernel messages before the command starts; the VMM (or
+# a QEMU peer in tests) forwards only what follows START_MARKER, up to
+# EXIT_MARKER, which is followed by the status digits and ']'.
+START_MARKER = "\x1b[vmmkit-exec-start]\n"
+EXIT_MARKER = "\x1b[vmmkit-exit="
+
+INIT = r"""#!/bin/sh
+# vmmkit default guest init. Runs the base64 command in vmmkit.exec= on the
+# kernel command line, or a shell on the console.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=${TERM:-linux}
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs tmpfs /tmp
+release=$(uname -r)
+while read -r m; do insmod "/lib/modules/$release/$m" 2>/dev/null; done < /etc/vmmkit/modules
+hostname vmmkit
+ip link set lo up 2>/dev/null
+cd /root
+cmd=
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in @EXEC_PARAM@=*) cmd="${arg#@EXEC_PARAM@=}" ;; esac
+done
+if [ -n "$cmd" ]; then
+  # Raw console: the command's bytes reach the host unchanged (no \n -> \r\n).
+  stty -F /dev/console raw -echo 2>/dev/null
+  printf '@START_MARKER@'
+  echo "$cmd" | base64 -d > /tmp/.vmmkit-exec
+  sh /tmp/.vmmkit-exec </dev/console >/dev/console 2>&1
+  rc=$?
+  # stty sets the line with TCSADRAIN: it returns once the UART has sent
+  # everything, so no output is lost to the power-off.
+  stty -F /dev/console raw -echo 2>/dev/null
+  printf '@EXIT_MARKER@%d]' "$rc"
+  poweroff -f
+fi
+echo "vmmkit guest: type 'poweroff' to stop the VM"
+setsid cttyhack sh -l
+poweroff -f
+"""
+
+
+def init_script() -> bytes:
+    """The default guest's /init, with vmmkit's constants filled in."""
+    text = (INIT.replace("@EXEC_PARAM@", EXEC_PARAM)
+            .replace("@START_MARKER@", START_MARKER.replace("\x1b", "\\033").replace("\n", "\\n"))
+            .replace("@EXIT_MARKER@", EXIT_MARKER.replace("\x1b", "\\033")))
+    return text.encode()
+
+
+@attrs.frozen
+class GuestFiles:
+    """Where the default guest's files are, and what went into them."""
+
+    directory: str
+    kernel: str
+    initrd: str
+    release: str
+    kernel_package: str
+    kernel_version: str
+    extras: tuple
+    built: bool
+    rootfs: str | None = None
+
+    def as_dict(self) -> dict:
+        """JSON-friendly form, for `vmmkit guest show --json`."""
+        return attrs.asdict(self)
+
+
+def guest_dir() -> str:
+    """Directory of the default guest in the cache."""
+    return os.path.join(paths.cache_dir(), "guest")
+
+
+def _manifest_path() -> str:
+    return os.path.join(guest_dir(), "manifest.json")
+
+
+def read_manifest() -> dict | None:
+    """The last build's manifest, or None when there is no complete build."""
+    try:
+        with open(_manifest_path()) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if manifest.get("format") != FORMAT:
+        return None  # built by an older vmmkit: its /init may not speak today's protocol
+    for key in ("kernel", "initrd"):
+        if not os.path.exists(os.path.join(guest_dir(), manifest.get(key, "\0"))):
+            return None
+    return manifest
+
+
+def show() -> GuestFiles:
+    """Describe the default guest (built or not) without building anything."""
+    manifest = read_manifest()
+    d = guest_dir()
+    if manifest is None:
+        return GuestFiles(d, os.path.join(d, "vmlinuz"), os.path.join(d, "initramfs.cpio"),
+                          "", KERNEL_META, "", (), False)
+    return GuestFiles(d, os.path.join(d, manifest["kernel"]), os.path.join(d, manifest["initrd"]),
+                      manifest["release"], manifest["kernel_package"], manifest["kernel_version"],
+                      tuple(manifest["extras"]), True)
+
+
+def build(extras: list[str] = (), *, progress=print, force: bool = False, reset: bool = False) -> GuestFiles:
+    """Build the default guest if needed and return its files.
+
+    *extras* are Debian packages whose programs (with their libraries) join
+    the initramfs; they add to those of earlier builds unless *reset*. A build whose kernel
+    version and extras match the manifest is a no-op that downloads nothing:
+    apt is only asked which version is current.
+    """
+    manifest = read_manifest()
+    previous = manifest["extras"] if manifest and not reset else ()
+    wanted = sorted(set(extras) | set(previous))
+    kernel_pkg = apt.resolve_kernel_package(KERNEL_META)
+    kernel_version = apt.candidate_version(kernel_pkg)
+    if (not force and manifest and manifest.get("format") == FORMAT
+            and manifest["kernel_package"] == kernel_pkg
+            and manifest["kernel_version"] == kernel_version and manifest["extras"] == wanted):
+        return show()
+
+    started = time.monotonic()
+    progress(f"building the default guest: {kernel_pkg} {kernel_version}, busybox"
+             + (f", {', '.join(wanted)}" if wanted else ""))
+    os.makedirs(guest_dir(), exist_ok=True)
+    debs = apt.download([kernel_pkg, BUSYBOX], paths.debs_dir(), progress)
+    with new_work_dir(paths.cache_dir()) as work:
+        progress("unpacking the kernel")
+        vmlinuz, moddir, release = unpack_kernel(debs[kernel_pkg], work)
+        initrd = os.path.join(guest_dir(), "initramfs.cpio")
+        builder = InitramfsBuilder(initrd, work, progress)
+        try:
+            builder.add_busybox(debs[BUSYBOX])
+            builder.add_modules(moddir, release, GUEST_MODULES)
+            builder.add_programs(wanted, paths.debs_dir())
+            builder.add_file("init", init_script(), 0o755)
+            builder.finish()
+        except BaseException:
+            builder.abort()
+            raise
+        shutil.copyfile(vmlinuz, os.path.join(guest_dir(), "vmlinuz"))
+    manifest = {
+        "format": FORMAT, "kernel": "vmlinuz", "initrd": "initramfs.cpio", "release": release,
+        "kernel_package": kernel_pkg, "kernel_version": kernel_version, "extras": wanted,
+    }
+    tmp = _manifest_path() + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(manifest, f, indent=1)
+    os.replace(tmp, _manifest_path())
+    progress(f"default guest ready in {time.monotonic() - started:.1f}s: {guest_dir()}")
+    return show()

@@ -1,0 +1,156 @@
+"""`vmmkit lab -- CMD`: run a command inside the KVM lab and return its exit status.
+
+The command runs as the caller would run it on the host: same root
+filesystem (read-only over 9p, writable through a tmpfs overlay), same working
+directory, same environment. Its stdout and stderr stream back live over two
+serial ports; host directories named with ``--share`` are writable inside, so
+files can come back.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from ..errors import VmmkitError
+from .build import ensure_lab
+from ..markers import MarkerStream
+from .init import END_MARKER, RUN_PARAM, START_MARKER
+
+LAB_FAILED = 125  # our exit status when the lab itself failed, as docker uses for its own errors
+_NOISE = ("TCG doesn't support requested feature",)
+_SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_"}
+
+
+class LabError(VmmkitError):
+    """The lab could not be started (QEMU missing, bad share path, ...)."""
+
+
+def qemu_binary() -> str:
+    """Path of qemu-system-x86_64, or LabError saying which package provides it."""
+    path = shutil.which("qemu-system-x86_64")
+    if path is None:
+        raise LabError("the KVM lab needs QEMU: install it with 'apt-get install qemu-system-x86'")
+    return path
+
+
+def write_script(path: str, argv: list[str], cwd: str, env: dict[str, str]) -> None:
+    """Write the shell script the lab runs: the caller's environment, directory and command.
+
+    The kernel command line mangles quotes and is short, so only this
+    script's directory travels on it; the script itself is read over 9p.
+    """
+    lines = ["#!/bin/sh"]
+    for key, value in sorted(env.items()):
+        if key in _SKIP_ENV or not key.isidentifier():
+            continue
+        lines.append(f"export {key}={shlex.quote(value)}")
+    lines.append("export VMMKIT_IN_LAB=1")
+    lines.append(f"cd {shlex.quote(cwd)} || exit 126")
+    lines.append("exec " + " ".join(shlex.quote(a) for a in argv))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def _pump(src, sink) -> None:
+    while True:
+        try:
+            chunk = os.read(src, 65536)
+        except OSError:
+            return
+        if not chunk:
+            return
+        sink(chunk)
+
+
+def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", cpus: int = 2,
+               timeout: float | None = None, cwd: str | None = None, env: dict | None = None,
+               stdout=None, stderr=None, progress=None) -> int:
+    """Run *argv* in the lab; return its exit status (LAB_FAILED when the lab broke).
+
+    *shares* are host directories made writable inside the lab at the same path.
+    """
+    if not argv:
+        raise LabError("nothing to run: give a command after '--', e.g. vmmkit lab -- uname -a")
+    stdout = stdout or sys.stdout.buffer
+    stderr = stderr or sys.stderr.buffer
+    progress = progress or (lambda s: print(f"vmmkit lab: {s}", file=sys.stderr, flush=True))
+    qemu = qemu_binary()
+    for share in shares:
+        if not os.path.isdir(share):
+            raise LabError(f"--share {share}: not a directory")
+    lab = ensure_lab(progress)
+    cwd = os.path.abspath(cwd or os.getcwd())
+    rundir = tempfile.mkdtemp(prefix="vmmkit-lab-")
+    try:
+        write_script(os.path.join(rundir, "script.sh"), list(argv), cwd, dict(env if env is not None else os.environ))
+        share_lines = [f"run {rundir}"] + [f"share{i} {os.path.abspath(s)}" for i, s in enumerate(shares)]
+        with open(os.path.join(rundir, "shares"), "w") as f:
+            f.write("\n".join(share_lines) + "\n")
+        errfifo = os.path.join(rundir, "stderr.fifo")
+        os.mkfifo(errfifo)
+        args = [
+            qemu, "-accel", "tcg,thread=multi", "-M", "q35", "-cpu", "EPYC,+svm,+npt",
+            "-smp", str(cpus), "-m", memory, "-display", "none", "-monitor", "none",
+            "-nodefaults", "-no-reboot",
+            "-kernel", lab.kernel, "-initrd", lab.initrd,
+            "-append", f"console=ttyS0 quiet loglevel=1 panic=-1 {RUN_PARAM}={rundir}",
+            "-serial", "stdio", "-serial", f"file:{errfifo}",
+            "-virtfs", "local,path=/,mount_tag=host,security_model=none,readonly=on,multidevs=remap",
+        ]
+        for line in share_lines:
+            tag, path = line.split(" ", 1)
+            args += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"]
+        # A reader and a spare writer on the fifo: reads block (not EOF) until
+        # QEMU opens it, and end once both writers are gone.
+        err_r = os.open(errfifo, os.O_RDONLY | os.O_NONBLOCK)
+        err_w = os.open(errfifo, os.O_WRONLY)
+        os.set_blocking(err_r, True)
+        console = MarkerStream(stdout, START_MARKER.encode(), END_MARKER.encode())
+        qemu_err = bytearray()
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        threads = [
+            threading.Thread(target=_pump, args=(proc.stdout.fileno(), console.feed), daemon=True),
+            threading.Thread(target=_pump, args=(err_r, lambda b: (stderr.write(b), stderr.flush())), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr.fileno(), qemu_err.extend), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            proc.kill()
+            proc.wait()
+        except KeyboardInterrupt:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait()
+            raise
+        finally:
+            os.close(err_w)
+            for t in threads:
+                t.join(timeout=10)
+            os.close(err_r)
+        console.close()
+        status_file = os.path.join(rundir, "status")
+        if not timed_out and os.path.exists(status_file):
+            with open(status_file) as f:
+                text = f.read().strip()
+            if text.isdigit():
+                return int(text)
+        why = f"timed out after {timeout:.0f}s" if timed_out else f"QEMU exited with {proc.returncode} before the command finished"
+        noise = "\n".join(l for l in qemu_err.decode(errors="replace").splitlines() if not any(n in l for n in _NOISE))
+        tail = console.log.decode(errors="replace")[-3000:]
+        stderr.write(f"vmmkit lab: the lab failed: {why}\n--- lab console (tail) ---\n{tail}\n--- qemu stderr ---\n{noise}\n".encode())
+        stderr.flush()
+        return LAB_FAILED
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)

@@ -1,0 +1,193 @@
+"""pytest plugin: guest tests run where real KVM is, and never silently skip.
+
+Tests marked ``@pytest.mark.guest`` boot a real guest. On a host with
+hardware KVM (or inside the lab) they run in place. On a host without it
+(PVM, containers, CI runners) the plugin runs all of them in one `vmmkit lab`
+session, streams that session's output, and reports each test's lab outcome
+under its own name on the host. When neither is possible, each guest test
+fails with the reason. Registered through the ``pytest11`` entry point, so a
+plugin author's tests get the same behaviour by installing vmmkit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+from ..hostkvm import in_lab, kvm_status
+
+REPORT_OPT = "--vmmkit-lab-report"
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("vmmkit")
+    group.addoption("--lab", choices=("auto", "always", "never"), default="auto",
+                    help="where guest tests run: 'auto' uses the KVM lab only when this host's KVM "
+                    "cannot boot a stock kernel; 'always' forces the lab; 'never' runs them here")
+    group.addoption("--lab-timeout", type=float, default=2400.0, help="seconds before the lab session is killed")
+    group.addoption(REPORT_OPT, default=None, help=argparse_suppress())
+
+
+def argparse_suppress():
+    import argparse
+    return argparse.SUPPRESS
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "guest: boots a real guest under KVM (runs in the KVM lab when needed)")
+    config._vmmkit_lab = None
+    path = config.getoption(REPORT_OPT)
+    if path:
+        config.pluginmanager.register(_LabReporter(path), "vmmkit-lab-reporter")
+
+
+class _LabReporter:
+    """Inside the lab: records each guest test's outcome for the host to replay."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.results: dict[str, dict] = {}
+
+    def pytest_runtest_logreport(self, report):
+        entry = self.results.setdefault(report.nodeid, {"outcome": "passed", "text": "", "output": ""})
+        if report.failed:
+            entry["outcome"] = "failed"
+            entry["text"] += f"[{report.when}] {report.longreprtext}\n"
+        elif report.skipped and entry["outcome"] == "passed":
+            entry["outcome"] = "skipped"
+            entry["text"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        for name, content in report.sections:
+            entry["output"] += f"--- {name} ---\n{content}\n"
+        self._save()
+
+    def _save(self):
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.results, f)
+        os.replace(tmp, self.path)
+
+
+class LabItem(pytest.Item):
+    """Stands in on the host for a guest test that ran in the lab."""
+
+    def __init__(self, *, original_nodeid: str, lab, reason: str | None = None, **kw):
+        super().__init__(**kw)
+        self._original_nodeid = original_nodeid
+        self._lab = lab
+        self._reason = reason
+
+    def runtest(self):
+        if self._reason is not None:
+            pytest.fail(f"guest test cannot run: {self._reason}", pytrace=False)
+        result = self._lab.result(self._original_nodeid)
+        if result is None:
+            pytest.fail(f"the KVM lab session reported nothing for this test:\n{self._lab.failure_text()}", pytrace=False)
+        if result["outcome"] == "failed":
+            pytest.fail(f"failed in the KVM lab:\n{result['text']}\n{result['output']}", pytrace=False)
+        if result["outcome"] == "skipped":
+            pytest.skip(f"skipped in the KVM lab: {result['text']}")
+
+    def reportinfo(self):
+        return self.path, None, f"{self.name} (in the KVM lab)"
+
+
+class _LabSession:
+    """Runs the selected guest tests in one lab session, lazily, and keeps their results."""
+
+    def __init__(self, config, nodeids: list[str]):
+        self.config = config
+        self.nodeids = nodeids
+        self.results: dict[str, dict] | None = None
+        self.status: int | None = None
+
+    def run(self):
+        from ..lab.run import LabError, run_in_lab
+        tr = self.config.pluginmanager.getplugin("terminalreporter")
+        outdir = tempfile.mkdtemp(prefix="vmmkit-pytest-")
+        report = os.path.join(outdir, "report.json")
+        color = "yes" if tr is not None and tr.hasmarkup else "no"
+        argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", f"--color={color}",
+                f"{REPORT_OPT}={report}", "--lab=never"] + self.nodeids
+
+        class Out:
+            def write(self, data: bytes):
+                text = data.decode(errors="replace")
+                if tr is not None:
+                    tr.write(text)
+                else:
+                    sys.stdout.write(text)
+
+            def flush(self):
+                if tr is not None:
+                    tr.flush()
+
+        if tr is not None:
+            tr.write_sep("=", f"running {len(self.nodeids)} guest tests in the KVM lab")
+        try:
+            self.status = run_in_lab(argv, shares=[outdir], timeout=self.config.getoption("--lab-timeout"),
+                                     cwd=str(self.config.rootpath), stdout=Out(), stderr=Out())
+        except LabError as exc:
+            self.status = -1
+            self.error = str(exc)
+        if tr is not None:
+            tr.write_sep("=", f"KVM lab session ended (status {self.status})")
+        try:
+            with open(report) as f:
+                self.results = json.load(f)
+        except (OSError, ValueError):
+            self.results = {}
+        shutil.rmtree(outdir, ignore_errors=True)
+
+    def result(self, nodeid: str):
+        if self.results is None:
+            self.run()
+        return self.results.get(nodeid)
+
+    def failure_text(self) -> str:
+        return getattr(self, "error", f"lab session status {self.status}; see its output above")
+
+
+def _decide(config) -> tuple[str, str | None]:
+    """Where guest tests run: ('here', None), ('lab', None) or ('fail', reason)."""
+    mode = config.getoption("--lab")
+    status = kvm_status()
+    if mode == "never" or in_lab() or (mode == "auto" and status.usable):
+        if status.usable or in_lab():
+            return "here", None
+        return "fail", status.reason
+    if shutil.which("qemu-system-x86_64") is None:
+        return "fail", f"{status.reason}; and the KVM lab needs QEMU (apt-get install qemu-system-x86)"
+    return "lab", None
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    guest = [i for i in items if i.get_closest_marker("guest") is not None]
+    if not guest or config.getoption(REPORT_OPT):
+        return
+    where, reason = _decide(config)
+    if where == "here":
+        return
+    lab = _LabSession(config, [i.nodeid for i in guest]) if where == "lab" else None
+    config._vmmkit_lab = lab
+    for idx, item in enumerate(items):
+        if item.get_closest_marker("guest") is None:
+            continue
+        proxy = LabItem.from_parent(item.parent, name=item.name, original_nodeid=item.nodeid, lab=lab, reason=reason)
+        # Module- and class-level marks come through the shared parent.
+        proxy.own_markers.extend(item.own_markers)
+        proxy.keywords.update(item.keywords)
+        items[idx] = proxy
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session):
+    """Run the lab session before the tests, outside output capture, so it streams live."""
+    lab = getattr(session.config, "_vmmkit_lab", None)
+    if lab is not None and not session.config.option.collectonly and lab.results is None:
+        lab.run()
