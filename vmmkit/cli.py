@@ -21,6 +21,23 @@ def cmd_lab(args) -> int:
     return run_in_lab(argv, shares=args.share, memory=args.memory, cpus=args.cpus, timeout=args.timeout)
 
 
+def cmd_run(args) -> int:
+    from .config import load_config
+    from .plugins import Plugins
+    from .vm import Vm
+    plugins = Plugins()
+    spec = load_config(args.config, device_kinds={k: v.schema for k, v in plugins.kinds.items()},
+                       features={k: v.schema for k, v in plugins.features.items()})
+    if spec.plugins.disable:
+        plugins = Plugins(disable=spec.plugins.disable)
+    plugins.warn_broken()
+    vm = Vm(spec, plugins=plugins, exec_command=args.exec_, progress=_progress)
+    try:
+        return vm.run()
+    finally:
+        vm.close()
+
+
 def cmd_guest_build(args) -> int:
     from .guest import build
     extras = [p for item in args.with_ or [] for p in item.split(",") if p]
@@ -50,6 +67,15 @@ def make_parser() -> argparse.ArgumentParser:
     """The argument parser, with one subcommand per verb."""
     parser = argparse.ArgumentParser(prog="vmmkit", description="A KVM virtual machine monitor built from plugins.")
     sub = parser.add_subparsers(dest="verb", required=True)
+
+    run = sub.add_parser("run", help="boot a VM described by a TOML file",
+                         description="Boot the VM that CONFIG describes, on this host's KVM. With --exec, the "
+                         "default guest runs CMD, its output streams to stdout, and vmmkit exits with CMD's status. "
+                         "Exit statuses: 0 guest powered off, 2 the VM could not start, 3 guest rebooted, "
+                         "1 the VM failed while running, 125 the guest stopped before --exec reported a status.")
+    run.add_argument("config", help="the VM's TOML file (see examples/minimal.toml)")
+    run.add_argument("--exec", dest="exec_", metavar="CMD", help="run CMD (a shell command line) in the guest and exit with its status")
+    run.set_defaults(func=cmd_run)
 
     lab = sub.add_parser("lab", help="run a command inside the KVM lab (an emulated machine with real KVM)",
                          description="Run CMD inside the KVM lab: an emulated x86 machine whose /dev/kvm is "

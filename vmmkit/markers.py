@@ -58,11 +58,16 @@ class MarkerStream:
             end = self._status_text.find(b"]")
             if end < 0:
                 if len(self._status_text) > 8:
+                    # Too long for a status: it is console text, keep it in the log.
+                    self._log(self._status_text)
                     self._status_text = None
                 return
             digits = self._status_text[:end]
-            self.status = int(digits) if digits.isdigit() else None
-            data = self._status_text[end + 1:]
+            if digits.isdigit():
+                self.status = int(digits)
+                data = self._status_text[end + 1:]
+            else:
+                data = self._status_text
             self._status_text = None
         self._log(data)
 
@@ -70,6 +75,14 @@ class MarkerStream:
         """Flush what is held back once the stream ends."""
         if self.state == "inside":
             self._emit(self.pending)
+        else:
+            # Before the start marker the held-back tail is console text (often
+            # the end of a panic message); after the end marker, so is an
+            # unterminated status.
+            self._log(self.pending)
+            if self.status is None and self._status_text:
+                self._log(self._status_text)
+                self._status_text = None
         self.pending = b""
 
     def _emit(self, data: bytes) -> None:

@@ -20,7 +20,6 @@ import tarfile
 import pytest
 
 from vmmkit.errors import VmmkitError
-from vmmkit.guest import deb
 from vmmkit.guest.deb import DebError, ar_members, extract, normalize, open_data_tar
 
 

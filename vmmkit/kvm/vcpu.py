@@ -1,0 +1,159 @@
+"""A KVM vCPU: registers, CPUID, MSRs, LAPIC, and KVM_RUN with decoded exits."""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import struct
+
+import attrs
+
+from .._native import ffi, lib
+from .system import check
+
+# MSRs Linux expects a firmware to have set on the boot CPU.
+MSR_IA32_MISC_ENABLE = 0x1A0
+MISC_ENABLE_FAST_STRING = 1 << 0
+MSR_MTRR_DEF_TYPE = 0x2FF
+MTRR_ENABLE_WRITEBACK = (1 << 11) | 6
+
+# LAPIC registers (offsets in the 1 KiB kvm_lapic_state).
+APIC_LVT_LINT0 = 0x350
+APIC_LVT_LINT1 = 0x360
+APIC_MODE_EXTINT = 0x7
+APIC_MODE_NMI = 0x4
+
+SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+@attrs.frozen
+class VcpuExit:
+    """One decoded exit from KVM_RUN (only the fields of its kind are meaningful)."""
+
+    reason: int
+    io_direction: int = 0
+    io_size: int = 0
+    io_port: int = 0
+    io_count: int = 0
+    io_data_offset: int = 0
+    mmio_addr: int = 0
+    mmio_len: int = 0
+    mmio_is_write: bool = False
+    mmio_data: bytes = b""
+    system_event: int = 0
+    hw_reason: int = 0
+    suberror: int = 0
+
+
+class Vcpu:
+    """One vCPU. Its methods are called only from its own thread, except kick()."""
+
+    def __init__(self, vm, index: int):
+        self.vm = vm
+        self.index = index
+        self.fd = check(lib.vmm_ioctl_val(vm.fd, lib.KVM_CREATE_VCPU, index), f"KVM_CREATE_VCPU {index}")
+        self.run_map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run_ptr = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_map))
+        self._exit = ffi.new("struct vmm_exit *")
+
+    # --- registers ---
+    def set_regs(self, values: dict) -> None:
+        """KVM_SET_REGS from a dict of kvm_regs field names (others zero)."""
+        regs = ffi.new("struct kvm_regs *")
+        for key, value in values.items():
+            setattr(regs, key, value)
+        check(lib.vmm_ioctl(self.fd, lib.KVM_SET_REGS, regs), "KVM_SET_REGS")
+
+    def get_regs(self) -> dict:
+        """KVM_GET_REGS as a dict."""
+        regs = ffi.new("struct kvm_regs *")
+        check(lib.vmm_ioctl(self.fd, lib.KVM_GET_REGS, regs), "KVM_GET_REGS")
+        return {name: getattr(regs, name) for name, _ in ffi.typeof("struct kvm_regs").fields}
+
+    def set_sregs(self, values: dict) -> None:
+        """Read-modify-write the special registers, keeping apic_base and the interrupt bitmap."""
+        sregs = ffi.new("struct kvm_sregs *")
+        check(lib.vmm_ioctl(self.fd, lib.KVM_GET_SREGS, sregs), "KVM_GET_SREGS")
+        for key, value in values.items():
+            if key in SEGMENTS:
+                seg = getattr(sregs, key)
+                for field, v in value.items():
+                    setattr(seg, field, v)
+            elif key in ("gdt", "idt"):
+                table = getattr(sregs, key)
+                table.base, table.limit = value["base"], value["limit"]
+            else:
+                setattr(sregs, key, value)
+        check(lib.vmm_ioctl(self.fd, lib.KVM_SET_SREGS, sregs), "KVM_SET_SREGS")
+
+    def setup_fpu(self) -> None:
+        """The x87/SSE state a firmware leaves: default control word and MXCSR."""
+        fpu = ffi.new("struct kvm_fpu *")
+        fpu.fcw = 0x37F
+        fpu.mxcsr = 0x1F80
+        check(lib.vmm_ioctl(self.fd, lib.KVM_SET_FPU, fpu), "KVM_SET_FPU")
+
+    def set_cpuid(self, entries: list[dict]) -> None:
+        """KVM_SET_CPUID2 (must precede SET_SREGS: long mode needs the LM bit)."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        cpuid.nent = len(entries)
+        for i, entry in enumerate(entries):
+            for key, value in entry.items():
+                setattr(cpuid.entries[i], key, value)
+        check(lib.vmm_ioctl(self.fd, lib.KVM_SET_CPUID2, cpuid), "KVM_SET_CPUID2")
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        """KVM_SET_MSRS; all must be accepted."""
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(values), "entries": len(values)})
+        msrs.nmsrs = len(values)
+        for i, (index, data) in enumerate(values.items()):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = data
+        done = check(lib.vmm_ioctl(self.fd, lib.KVM_SET_MSRS, msrs), "KVM_SET_MSRS")
+        if done != len(values):
+            bad = list(values)[done]
+            check(-errno.EINVAL, f"KVM_SET_MSRS (MSR {bad:#x} refused)")
+
+    def setup_lapic_lint(self) -> None:
+        """LINT0 as ExtINT and LINT1 as NMI, as a BIOS programs them (virtual wire mode)."""
+        lapic = ffi.new("struct kvm_lapic_state *")
+        check(lib.vmm_ioctl(self.fd, lib.KVM_GET_LAPIC, lapic), "KVM_GET_LAPIC")
+        buf = ffi.buffer(lapic.regs)
+        for reg, mode in ((APIC_LVT_LINT0, APIC_MODE_EXTINT), (APIC_LVT_LINT1, APIC_MODE_NMI)):
+            value, = struct.unpack_from("<I", buf, reg)
+            value = (value & ~0x700) | (mode << 8)
+            struct.pack_into("<I", buf, reg, value)
+        check(lib.vmm_ioctl(self.fd, lib.KVM_SET_LAPIC, lapic), "KVM_SET_LAPIC")
+
+    # --- running ---
+    def run(self) -> VcpuExit | None:
+        """One KVM_RUN. Returns the exit, or None when interrupted by kick() (EINTR)."""
+        ret = lib.vmm_run(self.fd, self.run_ptr, self._exit)
+        if ret == -errno.EINTR or ret == -errno.EAGAIN:
+            lib.vmm_set_immediate_exit(self.run_ptr, 0)
+            return None
+        check(ret, "KVM_RUN")
+        e = self._exit
+        return VcpuExit(e.reason, e.io_direction, e.io_size, e.io_port, e.io_count, e.io_data_offset,
+                        e.mmio_phys_addr, e.mmio_len, bool(e.mmio_is_write), bytes(e.mmio_data), e.system_event_type,
+                        e.hw_reason, e.internal_suberror)
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """The answer to an MMIO read exit, for the next KVM_RUN."""
+        lib.vmm_set_mmio_data(self.run_ptr, data, len(data))
+
+    def request_exit(self) -> None:
+        """Make the next (or current, with a signal) KVM_RUN return at once."""
+        lib.vmm_set_immediate_exit(self.run_ptr, 1)
+
+    def close(self) -> None:
+        """Unmap kvm_run and close the vCPU fd."""
+        if self.fd >= 0:
+            self.run_ptr = None
+            try:
+                self.run_map.close()
+            except BufferError:
+                pass  # a cffi buffer still references it; the fd close below frees KVM's side
+            os.close(self.fd)
+            self.fd = -1
