@@ -31,11 +31,40 @@ def cmd_run(args) -> int:
     if spec.plugins.disable:
         plugins = Plugins(disable=spec.plugins.disable)
     plugins.warn_broken()
-    vm = Vm(spec, plugins=plugins, exec_command=args.exec_, progress=_progress)
-    try:
-        return vm.run()
-    finally:
-        vm.close()
+    while True:
+        vm = Vm(spec, plugins=plugins, exec_command=args.exec_, progress=_progress)
+        try:
+            status = vm.run()
+        finally:
+            vm.close()
+        if vm.stop_reason == "reboot" and spec.machine.on_reboot == "restart":
+            _progress("the guest rebooted: starting it again ([machine] on_reboot = \"restart\")")
+            continue
+        return status
+
+
+def cmd_plugins(args) -> int:
+    from .plugins import Plugins
+    plugins = Plugins()
+    rows = []
+    for name, info in sorted(plugins.infos.items()):
+        kinds = sorted(k for k, owner in plugins.kind_owner.items() if owner == name)
+        module = plugins.pm.get_plugin(name)
+        hooks = sorted(h.name for h in plugins.pm.get_hookcallers(module)) if module is not None else []
+        rows.append({"name": name, "module": info.module, "distribution": info.distribution, "version": info.version,
+                     "kinds": kinds, "hooks": hooks, "error": info.error})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        origin = f"{row['distribution']} {row['version']}" if row["distribution"] else "registered directly"
+        print(f"{row['name']}  ({row['module']}, {origin})")
+        if row["error"]:
+            print(f"    BROKEN: {row['error']}")
+        if row["kinds"]:
+            print(f"    device kinds: {', '.join(row['kinds'])}")
+        print(f"    hooks: {', '.join(row['hooks']) or '(none)'}")
+    return 0
 
 
 def cmd_guest_build(args) -> int:
@@ -84,10 +113,14 @@ def make_parser() -> argparse.ArgumentParser:
                          "overlay; --share makes host directories writable inside.")
     lab.add_argument("--share", action="append", default=[], metavar="DIR", help="host directory writable inside the lab")
     lab.add_argument("--memory", default="8G", help="lab memory (default 8G)")
-    lab.add_argument("--cpus", type=int, default=2, help="lab vCPUs (default 2)")
+    lab.add_argument("--cpus", type=int, default=4, help="lab vCPUs (default 4: as many as the largest guest the tests boot)")
     lab.add_argument("--timeout", type=float, default=None, help="kill the lab after this many seconds")
     lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     lab.set_defaults(func=cmd_lab)
+
+    plug = sub.add_parser("plugins", help="list the installed plugins, what they provide and which hooks they implement")
+    plug.add_argument("--json", action="store_true")
+    plug.set_defaults(func=cmd_plugins)
 
     guest = sub.add_parser("guest", help="the default guest (kernel and initramfs from Debian packages)")
     gsub = guest.add_subparsers(dest="guest_verb", required=True)

@@ -22,9 +22,9 @@ class KvmStatus:
     reason: str
 
 
-def _cpu_flags() -> set[str]:
+def _cpu_flags(root: str = "/") -> set[str]:
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(os.path.join(root, "proc/cpuinfo")) as f:
             for line in f:
                 if line.startswith("flags"):
                     return set(line.split(":", 1)[1].split())
@@ -33,10 +33,13 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def kvm_status(dev: str = "/dev/kvm") -> KvmStatus:
-    """Tell whether this host's KVM can boot a stock Linux kernel, and why not."""
+def kvm_status(dev: str = "/dev/kvm", *, root: str = "/") -> KvmStatus:
+    """Tell whether this host's KVM can boot a stock Linux kernel, and why not.
+
+    *root* lets tests point /sys and /proc at a fake tree.
+    """
     lab = "run it inside the KVM lab instead: vmmkit lab -- <command>"
-    if os.path.exists("/sys/module/kvm_pvm"):
+    if os.path.exists(os.path.join(root, "sys/module/kvm_pvm")):
         return KvmStatus(False, "pvm",
                          f"{dev} is PVM (the kvm_pvm module: KVM without hardware virtualization), "
                          f"which runs only PVM-enlightened guest kernels, not a stock kernel; {lab}")
@@ -45,7 +48,7 @@ def kvm_status(dev: str = "/dev/kvm") -> KvmStatus:
     if not os.access(dev, os.R_OK | os.W_OK):
         return KvmStatus(False, "denied", f"{dev} is not readable and writable by this user "
                          "(add yourself to the 'kvm' group, or run as root)")
-    if not ({"vmx", "svm"} & _cpu_flags()):
+    if not ({"vmx", "svm"} & _cpu_flags(root)):
         return KvmStatus(False, "no-virt", f"this CPU shows no vmx or svm flag, so {dev} cannot run a stock kernel; {lab}")
     return KvmStatus(True, "hardware", "hardware KVM")
 

@@ -127,12 +127,16 @@ class Vm:
     def build(self) -> "Vm":
         """Create the KVM VM, memory, devices and vCPUs; load the kernel. Nothing runs yet."""
         spec = self.spec
+        # What the user can get wrong is checked before KVM is opened, so a
+        # bad kernel path or an impossible memory size is reported as such on any host.
+        self.kernel_path, self.initrd_path = self._guest_files()
+        self.image = load_kernel_file(self.kernel_path)
+        self.memory = GuestMemory.create(spec.machine.memory)
         self.kvm = Kvm()
         if spec.machine.vcpus > self.kvm.max_vcpus():
             raise VmmkitError(f"[machine] vcpus = {spec.machine.vcpus}: this host's KVM allows at most {self.kvm.max_vcpus()}")
         self.kvm_vm = self.kvm.create_vm()
         self.kvm_vm.setup_x86()
-        self.memory = GuestMemory.create(spec.machine.memory)
         self.memory.register(self.kvm_vm)
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
@@ -181,8 +185,7 @@ class Vm:
         return " ".join(parts)
 
     def _load_guest(self) -> None:
-        kernel_path, initrd_path = self._guest_files()
-        image = load_kernel_file(kernel_path)
+        kernel_path, initrd_path, image = self.kernel_path, self.initrd_path, self.image
         mem = self.spec.machine.memory
         for gpa, data in boot_segments():
             self.memory.write(gpa, data)

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import attrs
 
 from .. import paths
 from . import apt
-from .initramfs import InitramfsBuilder, new_work_dir, unpack_kernel
+from .initramfs import build_machine
 
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
@@ -26,7 +25,7 @@ GUEST_MODULES = [
     "fuse", "virtiofs", "vsock", "vmw_vsock_virtio_transport", "vmw_vsock_virtio_transport_common",
     "ext4", "crc32c_generic",
 ]
-FORMAT = 2  # bump when the image layout or /init changes, so caches rebuild
+FORMAT = 3  # bump when the image layout or /init changes, so caches rebuild
 
 EXEC_PARAM = "vmmkit.exec"
 # The console carries kernel messages before the command starts; the VMM (or
@@ -68,8 +67,13 @@ if [ -n "$cmd" ]; then
   printf '@EXIT_MARKER@%d]' "$rc"
   poweroff -f
 fi
+# busybox's poweroff/halt/reboot signal PID 1 (USR2/USR1/TERM); this init is
+# a shell, so it acts on them itself. `wait` is interruptible by traps.
+trap 'poweroff -f' USR1 USR2
+trap 'reboot -f' TERM
 echo "vmmkit guest: type 'poweroff' to stop the VM"
-setsid cttyhack sh -l
+setsid cttyhack sh -l &
+wait $!
 poweroff -f
 """
 
@@ -158,23 +162,7 @@ def build(extras: list[str] = (), *, progress=print, force: bool = False, reset:
     started = time.monotonic()
     progress(f"building the default guest: {kernel_pkg} {kernel_version}, busybox"
              + (f", {', '.join(wanted)}" if wanted else ""))
-    os.makedirs(guest_dir(), exist_ok=True)
-    debs = apt.download([kernel_pkg, BUSYBOX], paths.debs_dir(), progress)
-    with new_work_dir(paths.cache_dir()) as work:
-        progress("unpacking the kernel")
-        vmlinuz, moddir, release = unpack_kernel(debs[kernel_pkg], work)
-        initrd = os.path.join(guest_dir(), "initramfs.cpio")
-        builder = InitramfsBuilder(initrd, work, progress)
-        try:
-            builder.add_busybox(debs[BUSYBOX])
-            builder.add_modules(moddir, release, GUEST_MODULES)
-            builder.add_programs(wanted, paths.debs_dir())
-            builder.add_file("init", init_script(), 0o755)
-            builder.finish()
-        except BaseException:
-            builder.abort()
-            raise
-        shutil.copyfile(vmlinuz, os.path.join(guest_dir(), "vmlinuz"))
+    release = build_machine(guest_dir(), kernel_pkg, BUSYBOX, GUEST_MODULES, init_script(), wanted, progress)
     manifest = {
         "format": FORMAT, "kernel": "vmlinuz", "initrd": "initramfs.cpio", "release": release,
         "kernel_package": kernel_pkg, "kernel_version": kernel_version, "extras": wanted,

@@ -8,9 +8,11 @@ archive (no staging tree, no root needed).
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import tempfile
 
+from .. import paths
 from . import apt, deb, elfdeps, kmod
 from .cpio import CpioWriter
 
@@ -192,6 +194,32 @@ def unpack_kernel(kernel_deb: str, work_dir: str) -> tuple[str, str, str]:
     if not os.path.isdir(moddir):
         moddir = os.path.join(dest, "usr", "lib", "modules", release)
     return os.path.join(boot, images[0]), moddir, release
+
+
+def build_machine(dest_dir: str, kernel_pkg: str, busybox_pkg: str, modules: list[str], init: bytes,
+                  extras: list[str] = (), progress=lambda s: None) -> str:
+    """Build ``vmlinuz`` and ``initramfs.cpio`` into *dest_dir* from Debian packages; return the kernel release.
+
+    The guest and the lab are both this: a Debian kernel, busybox, some of
+    the kernel's modules, an /init, and optionally other packages' programs.
+    """
+    os.makedirs(dest_dir, exist_ok=True)
+    debs = apt.download([kernel_pkg, busybox_pkg], paths.debs_dir(), progress)
+    with new_work_dir(paths.cache_dir()) as work:
+        progress(f"unpacking {kernel_pkg}")
+        vmlinuz, moddir, release = unpack_kernel(debs[kernel_pkg], work)
+        builder = InitramfsBuilder(os.path.join(dest_dir, "initramfs.cpio"), work, progress)
+        try:
+            builder.add_busybox(debs[busybox_pkg])
+            builder.add_modules(moddir, release, modules)
+            builder.add_programs(list(extras), paths.debs_dir())
+            builder.add_file("init", init, 0o755)
+            builder.finish()
+        except BaseException:
+            builder.abort()
+            raise
+        shutil.copyfile(vmlinuz, os.path.join(dest_dir, "vmlinuz"))
+    return release
 
 
 def new_work_dir(parent: str) -> tempfile.TemporaryDirectory:

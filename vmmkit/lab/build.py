@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 
 import attrs
 
 from .. import paths
 from ..guest import apt
-from ..guest.initramfs import InitramfsBuilder, new_work_dir, unpack_kernel
+from ..guest.initramfs import build_machine
 from .init import init_script
 
 KERNEL_META = "linux-image-amd64"
@@ -63,24 +62,9 @@ def ensure_lab(progress=print) -> LabFiles:
     started = time.monotonic()
     kernel_pkg = apt.resolve_kernel_package(KERNEL_META)
     progress(f"building the KVM lab machine from {kernel_pkg} (once; cached in {lab_dir()})")
-    os.makedirs(lab_dir(), exist_ok=True)
-    debs = apt.download([kernel_pkg, BUSYBOX], paths.debs_dir(), progress)
-    with new_work_dir(paths.cache_dir()) as work:
-        progress("unpacking the lab kernel")
-        vmlinuz, moddir, release = unpack_kernel(debs[kernel_pkg], work)
-        initrd = os.path.join(lab_dir(), "initramfs.cpio")
-        builder = InitramfsBuilder(initrd, work, progress)
-        try:
-            builder.add_busybox(debs[BUSYBOX])
-            builder.add_modules(moddir, release, LAB_MODULES)
-            builder.add_file("init", init_script(), 0o755)
-            builder.finish()
-        except BaseException:
-            builder.abort()
-            raise
-        shutil.copyfile(vmlinuz, os.path.join(lab_dir(), "vmlinuz"))
+    release = build_machine(lab_dir(), kernel_pkg, BUSYBOX, LAB_MODULES, init_script(), progress=progress)
     with open(manifest_path + ".tmp", "w") as f:
         json.dump({"format": FORMAT, "release": release, "kernel_package": kernel_pkg}, f)
     os.replace(manifest_path + ".tmp", manifest_path)
     progress(f"lab machine ready in {time.monotonic() - started:.1f}s")
-    return LabFiles(os.path.join(lab_dir(), "vmlinuz"), initrd, release)
+    return LabFiles(os.path.join(lab_dir(), "vmlinuz"), os.path.join(lab_dir(), "initramfs.cpio"), release)
