@@ -10,7 +10,8 @@ $SUDO apt-get update -q
 # qemu: the KVM lab and the peer in benchmarks; acpica-tools: iasl checks our ACPI tables.
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev \
-    qemu-system-x86 qemu-system-data seabios acpica-tools ca-certificates
+    qemu-system-x86 qemu-system-data seabios acpica-tools ca-certificates \
+    cpio binutils dpkg
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'

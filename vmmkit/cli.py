@@ -113,7 +113,7 @@ def make_parser() -> argparse.ArgumentParser:
                          "overlay; --share makes host directories writable inside.")
     lab.add_argument("--share", action="append", default=[], metavar="DIR", help="host directory writable inside the lab")
     lab.add_argument("--memory", default="8G", help="lab memory (default 8G)")
-    lab.add_argument("--cpus", type=int, default=4, help="lab vCPUs (default 4: as many as the largest guest the tests boot)")
+    lab.add_argument("--cpus", type=int, default=2, help="lab vCPUs (default 2)")
     lab.add_argument("--timeout", type=float, default=None, help="kill the lab after this many seconds")
     lab.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
     lab.set_defaults(func=cmd_lab)

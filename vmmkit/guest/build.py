@@ -114,13 +114,17 @@ def _manifest_path() -> str:
     return os.path.join(guest_dir(), "manifest.json")
 
 
-def read_manifest() -> dict | None:
-    """The last build's manifest, or None when there is no complete build."""
+def _raw_manifest() -> dict:
     try:
         with open(_manifest_path()) as f:
-            manifest = json.load(f)
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def read_manifest() -> dict | None:
+    """The last build's manifest, or None when there is no complete build."""
+    manifest = _raw_manifest()
     if manifest.get("format") != FORMAT:
         return None  # built by an older vmmkit: its /init may not speak today's protocol
     for key in ("kernel", "initrd"):
@@ -150,7 +154,8 @@ def build(extras: list[str] = (), *, progress=print, force: bool = False, reset:
     apt is only asked which version is current.
     """
     manifest = read_manifest()
-    previous = manifest["extras"] if manifest and not reset else ()
+    # Extras survive a rebuild for a newer image format: read them even from a stale manifest.
+    previous = () if reset else _raw_manifest().get("extras", ())
     wanted = sorted(set(extras) | set(previous))
     kernel_pkg = apt.resolve_kernel_package(KERNEL_META)
     kernel_version = apt.candidate_version(kernel_pkg)

@@ -69,7 +69,7 @@ def _pump(src, sink) -> None:
         sink(chunk)
 
 
-def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", cpus: int = 4,
+def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", cpus: int = 2,
                timeout: float | None = None, cwd: str | None = None, env: dict | None = None,
                stdout=None, stderr=None, progress=None) -> int:
     """Run *argv* in the lab; return its exit status (LAB_FAILED when the lab broke).
