@@ -26,7 +26,7 @@ from vmmkit.guest import build
 from vmmkit.guest.build import START_MARKER
 from vmmkit.guest.execcmd import exec_param
 from vmmkit.testing.qemu import qemu_command
-from vmmkit.vm import BASE_CMDLINE, EXEC_CMDLINE
+from vmmkit.vm import EXEC_CMDLINE
 
 COMMAND = "true"
 
@@ -63,10 +63,7 @@ def main() -> int:
     if not files.built:
         raise SystemExit("build the default guest first: vmmkit guest build")
     with tempfile.TemporaryDirectory() as tmp:
-        # The exact command line vmmkit gives the kernel, so both boot the same way.
-        cmdline = f"{BASE_CMDLINE} {EXEC_CMDLINE} {exec_param(COMMAND)}"
         qemu = qemu_command(COMMAND, vcpus=opts.vcpus, memory=opts.memory)
-        qemu[qemu.index("-append") + 1] = cmdline
         results = {"vmmkit": [], "qemu": []}
         # vmmkit's --exec hides the console up to the start marker; to time the
         # marker itself, pass the same exec argument through [boot] cmdline and

@@ -282,25 +282,26 @@ class Vm:
                 continue
             reason = ex.reason
             if reason == EXIT_IO:
-                size, off = ex.io_size, ex.io_data_offset
+                size, off, port = ex.io_size, ex.io_data_offset, ex.io_port
+                out = ex.io_direction == IO_OUT
                 for _ in range(ex.io_count):
-                    if ex.io_direction == IO_OUT:
-                        pio_write(ex.io_port, bytes(run_map[off:off + size]))
+                    if out:
+                        pio_write(port, bytes(run_map[off:off + size]))
                     else:
-                        run_map[off:off + size] = pio_read(ex.io_port, size)
+                        run_map[off:off + size] = pio_read(port, size)
                     off += size
             elif reason == EXIT_MMIO:
                 if ex.mmio_is_write:
-                    mmio_write(ex.mmio_addr, ex.mmio_data[:ex.mmio_len])
+                    mmio_write(ex.mmio_phys_addr, vcpu.mmio_write_data())
                 else:
-                    vcpu.set_mmio_data(mmio_read(ex.mmio_addr, ex.mmio_len))
+                    vcpu.set_mmio_data(mmio_read(ex.mmio_phys_addr, ex.mmio_len))
             elif reason == lib.KVM_EXIT_SYSTEM_EVENT:
-                if ex.system_event == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
+                if ex.system_event_type == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
                     self.request_stop("poweroff")
-                elif ex.system_event == lib.KVM_SYSTEM_EVENT_RESET:
+                elif ex.system_event_type == lib.KVM_SYSTEM_EVENT_RESET:
                     self.request_stop("reboot")
                 else:
-                    self.request_stop("error", f"guest crashed (system event {ex.system_event})")
+                    self.request_stop("error", f"guest crashed (system event {ex.system_event_type})")
             elif reason == lib.KVM_EXIT_SHUTDOWN:
                 # A triple fault: real hardware resets, and so does Linux's reboot=t.
                 self.request_stop("reboot", "triple fault")
@@ -310,7 +311,7 @@ class Vm:
                 continue
             else:
                 regs = vcpu.get_regs()
-                raise KvmError(f"unexpected exit {reason} (hw reason {ex.hw_reason:#x}, suberror {ex.suberror}) "
+                raise KvmError(f"unexpected exit {reason} (hw reason {ex.hw_reason:#x}, suberror {ex.internal_suberror}) "
                                f"at rip {regs['rip']:#x}")
 
     def close(self) -> None:

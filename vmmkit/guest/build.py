@@ -122,9 +122,10 @@ def _raw_manifest() -> dict:
         return {}
 
 
-def read_manifest() -> dict | None:
-    """The last build's manifest, or None when there is no complete build."""
-    manifest = _raw_manifest()
+def read_manifest(manifest: dict | None = None) -> dict | None:
+    """The last build's manifest (or *manifest*, already read), or None when there is no complete build."""
+    if manifest is None:
+        manifest = _raw_manifest()
     if manifest.get("format") != FORMAT:
         return None  # built by an older vmmkit: its /init may not speak today's protocol
     for key in ("kernel", "initrd"):
@@ -153,9 +154,10 @@ def build(extras: list[str] = (), *, progress=print, force: bool = False, reset:
     version and extras match the manifest is a no-op that downloads nothing:
     apt is only asked which version is current.
     """
-    manifest = read_manifest()
-    # Extras survive a rebuild for a newer image format: read them even from a stale manifest.
-    previous = () if reset else _raw_manifest().get("extras", ())
+    raw = _raw_manifest()
+    manifest = read_manifest(raw)
+    # Extras survive a rebuild for a newer image format: take them even from a stale manifest.
+    previous = () if reset else raw.get("extras", ())
     wanted = sorted(set(extras) | set(previous))
     kernel_pkg = apt.resolve_kernel_package(KERNEL_META)
     kernel_version = apt.candidate_version(kernel_pkg)

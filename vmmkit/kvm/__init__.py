@@ -5,7 +5,7 @@ Struct layouts and ioctl numbers come from <linux/kvm.h> via the compiled
 """
 
 from .system import Kvm, KvmError
-from .vcpu import Vcpu, VcpuExit
+from .vcpu import Vcpu
 from .vm import KvmVm
 
-__all__ = ["Kvm", "KvmError", "KvmVm", "Vcpu", "VcpuExit"]
+__all__ = ["Kvm", "KvmError", "KvmVm", "Vcpu"]

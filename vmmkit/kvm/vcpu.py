@@ -7,8 +7,6 @@ import mmap
 import os
 import struct
 
-import attrs
-
 from .._native import ffi, lib
 from .system import check
 
@@ -25,25 +23,6 @@ APIC_MODE_EXTINT = 0x7
 APIC_MODE_NMI = 0x4
 
 SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
-
-
-@attrs.frozen
-class VcpuExit:
-    """One decoded exit from KVM_RUN (only the fields of its kind are meaningful)."""
-
-    reason: int
-    io_direction: int = 0
-    io_size: int = 0
-    io_port: int = 0
-    io_count: int = 0
-    io_data_offset: int = 0
-    mmio_addr: int = 0
-    mmio_len: int = 0
-    mmio_is_write: bool = False
-    mmio_data: bytes = b""
-    system_event: int = 0
-    hw_reason: int = 0
-    suberror: int = 0
 
 
 class Vcpu:
@@ -127,17 +106,23 @@ class Vcpu:
         check(lib.vmm_ioctl(self.fd, lib.KVM_SET_LAPIC, lapic), "KVM_SET_LAPIC")
 
     # --- running ---
-    def run(self) -> VcpuExit | None:
-        """One KVM_RUN. Returns the exit, or None when interrupted by kick() (EINTR)."""
+    def run(self):
+        """One KVM_RUN. Returns the decoded exit, or None when interrupted by a kick (EINTR).
+
+        The exit is this vCPU's ``struct vmm_exit`` (see native/kvm_native.c),
+        reused by every call: read it before the next run(). No object is
+        built per exit, as this is the vCPU's hot path.
+        """
         ret = lib.vmm_run(self.fd, self.run_ptr, self._exit)
         if ret == -errno.EINTR or ret == -errno.EAGAIN:
             lib.vmm_set_immediate_exit(self.run_ptr, 0)
             return None
         check(ret, "KVM_RUN")
-        e = self._exit
-        return VcpuExit(e.reason, e.io_direction, e.io_size, e.io_port, e.io_count, e.io_data_offset,
-                        e.mmio_phys_addr, e.mmio_len, bool(e.mmio_is_write), bytes(e.mmio_data), e.system_event_type,
-                        e.hw_reason, e.internal_suberror)
+        return self._exit
+
+    def mmio_write_data(self) -> bytes:
+        """The bytes of the current MMIO write exit."""
+        return bytes(ffi.buffer(self._exit.mmio_data, self._exit.mmio_len))
 
     def set_mmio_data(self, data: bytes) -> None:
         """The answer to an MMIO read exit, for the next KVM_RUN."""

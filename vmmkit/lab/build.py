@@ -42,6 +42,10 @@ def lab_dir() -> str:
     return os.path.join(paths.cache_dir(), "lab")
 
 
+def _lab_files(release: str) -> LabFiles:
+    return LabFiles(os.path.join(lab_dir(), "vmlinuz"), os.path.join(lab_dir(), "initramfs.cpio"), release)
+
+
 def ensure_lab(progress=print) -> LabFiles:
     """Build the lab machine unless the cache already holds a current one.
 
@@ -52,8 +56,7 @@ def ensure_lab(progress=print) -> LabFiles:
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
-        files = LabFiles(os.path.join(lab_dir(), "vmlinuz"), os.path.join(lab_dir(), "initramfs.cpio"),
-                         manifest["release"])
+        files = _lab_files(manifest["release"])
         if manifest.get("format") == FORMAT and os.path.exists(files.kernel) and os.path.exists(files.initrd):
             return files
     except (OSError, ValueError, KeyError):
@@ -67,4 +70,4 @@ def ensure_lab(progress=print) -> LabFiles:
         json.dump({"format": FORMAT, "release": release, "kernel_package": kernel_pkg}, f)
     os.replace(manifest_path + ".tmp", manifest_path)
     progress(f"lab machine ready in {time.monotonic() - started:.1f}s")
-    return LabFiles(os.path.join(lab_dir(), "vmlinuz"), os.path.join(lab_dir(), "initramfs.cpio"), release)
+    return _lab_files(release)

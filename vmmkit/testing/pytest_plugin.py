@@ -11,6 +11,7 @@ plugin author's tests get the same behaviour by installing vmmkit.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -30,12 +31,7 @@ def pytest_addoption(parser):
                     help="where guest tests run: 'auto' uses the KVM lab only when this host's KVM "
                     "cannot boot a stock kernel; 'always' forces the lab; 'never' runs them here")
     group.addoption("--lab-timeout", type=float, default=2400.0, help="seconds before the lab session is killed")
-    group.addoption(REPORT_OPT, default=None, help=argparse_suppress())
-
-
-def argparse_suppress():
-    import argparse
-    return argparse.SUPPRESS
+    group.addoption(REPORT_OPT, default=None, help=argparse.SUPPRESS)
 
 
 def pytest_configure(config):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-import resource
 import shutil
 import subprocess
 import time
@@ -17,8 +16,8 @@ import attrs
 
 from ..guest import build
 from ..guest.execcmd import exec_param, exec_stream
+from ..vm import BASE_CMDLINE, EXEC_CMDLINE
 
-BASE_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pci=off"
 
 
 @attrs.frozen
@@ -34,10 +33,14 @@ class ExecResult:
 
 def qemu_command(command: str, *, vcpus: int = 1, memory: str = "512M", kernel: str | None = None,
                  initrd: str | None = None, extra_cmdline: str = "") -> list[str]:
-    """The qemu-system-x86_64 command line for microvm with the default guest and *command*."""
+    """The qemu-system-x86_64 command line for microvm with the default guest and *command*.
+
+    The kernel gets exactly the arguments vmmkit gives it for --exec, so both
+    VMMs boot the guest the same way.
+    """
     files = build.show()
     qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
-    cmdline = f"{BASE_CMDLINE} {extra_cmdline} {exec_param(command)}".strip()
+    cmdline = " ".join(p for p in (BASE_CMDLINE, EXEC_CMDLINE, extra_cmdline, exec_param(command)) if p)
     return [qemu, "-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host", "-smp", str(vcpus), "-m", memory,
             "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-monitor", "none",
             "-serial", "stdio", "-kernel", kernel or files.kernel, "-initrd", initrd or files.initrd,
@@ -68,8 +71,3 @@ def run_qemu_exec(command: str, *, timeout: float = 300, **kw) -> ExecResult:
             proc.wait()
     stream.close()
     return ExecResult(stream.status, out.getvalue(), bytes(stream.log), time.monotonic() - started, proc.returncode)
-
-
-def children_max_rss_kib() -> int:
-    """Peak RSS of the largest waited-for child so far, in KiB (Linux ru_maxrss)."""
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
