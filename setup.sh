@@ -7,11 +7,12 @@ cd "$(dirname "$0")"
 SUDO=
 [ "$(id -u)" = 0 ] || SUDO=sudo
 $SUDO apt-get update -q
-# qemu: the KVM lab and the peer in benchmarks; acpica-tools: iasl checks our ACPI tables.
+# qemu: the KVM lab and the peer in benchmarks; acpica-tools: iasl checks our ACPI tables;
+# e2fsprogs: mke2fs makes the default guest's rootfs.ext4.
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev \
     qemu-system-x86 qemu-system-data seabios acpica-tools ca-certificates \
-    cpio binutils dpkg
+    cpio binutils dpkg e2fsprogs
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -e '.[test]'

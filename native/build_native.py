@@ -48,6 +48,8 @@ long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
 int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out);
 void vmm_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len);
 void vmm_set_immediate_exit(struct kvm_run *run, uint8_t value);
+void vmm_mb(void);
+int vmm_fallocate(int fd, int mode, int64_t offset, int64_t len);
 """
 
 CONSTANTS = """
@@ -66,9 +68,10 @@ KVM_CAP_PIT2 KVM_CAP_IMMEDIATE_EXIT KVM_CAP_NR_MEMSLOTS KVM_CAP_MAX_VCPUS
 KVM_MEM_LOG_DIRTY_PAGES KVM_PIT_SPEAKER_DUMMY KVM_IRQFD_FLAG_DEASSIGN
 KVM_IOEVENTFD_FLAG_DATAMATCH KVM_IOEVENTFD_FLAG_PIO KVM_IOEVENTFD_FLAG_DEASSIGN
 KVM_MAX_CPUID_ENTRIES KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED
+FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE
 """.split()
 
-SOURCE = "#include <linux/kvm.h>\n#ifndef KVM_MAX_CPUID_ENTRIES\n#define KVM_MAX_CPUID_ENTRIES 256\n#endif\n"
+SOURCE = "#define _GNU_SOURCE\n#include <fcntl.h>\n#include <errno.h>\n#include <linux/falloc.h>\n#include <linux/kvm.h>\n#ifndef KVM_MAX_CPUID_ENTRIES\n#define KVM_MAX_CPUID_ENTRIES 256\n#endif\n"
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF + "".join(f"#define {name} ...\n" for name in CONSTANTS))

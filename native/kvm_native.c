@@ -84,3 +84,18 @@ static void vmm_set_immediate_exit(struct kvm_run *run, uint8_t value)
 {
     run->immediate_exit = value;
 }
+
+/* A full memory barrier, for the Python virtqueue: x86 may order a store to
+ * the used ring after a later load of the driver's event index, and the
+ * virtio notification-suppression protocol needs them in program order. */
+static void vmm_mb(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* fallocate(2) with its mode flags (punch hole, zero range), which Python's
+ * os module does not expose; returns 0 or -errno. */
+static int vmm_fallocate(int fd, int mode, int64_t offset, int64_t len)
+{
+    return fallocate(fd, mode, offset, len) == 0 ? 0 : -errno;
+}

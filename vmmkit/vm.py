@@ -28,13 +28,18 @@ from .kvm.cpuid import vcpu_cpuid
 from .kvm.vcpu import MISC_ENABLE_FAST_STRING, MSR_IA32_MISC_ENABLE, MSR_MTRR_DEF_TYPE, MTRR_ENABLE_WRITEBACK
 from .kvm.vm import EventFd
 from .memory import GuestMemory
-from .plugins import Plugins
+from .plugins import Plugins, PluginError
+from .virtio.constants import MMIO_WINDOW
+from .virtio.mmio import VirtioMmioTransport
 
 KICK_SIGNAL = signal.SIGUSR1
 # Arguments vmmkit always gives the kernel: the console on COM1, no PCI to probe,
 # no port-0x80 delays (each would be an exit), reboot through the ACPI reset register.
 BASE_CMDLINE = "console=ttyS0 reboot=a panic=-1 pci=off io_delay=none"
 EXEC_CMDLINE = "quiet"
+# IOAPIC inputs for virtio-MMIO transports: every pin from 5 up that no
+# platform device (PIT 0, cascade 2, COM1 4, the ACPI GED 9) owns.
+VIRTIO_GSIS = (5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23)
 
 
 class IrqLine:
@@ -72,6 +77,8 @@ class Vm:
         self.exec_stream = None
         self.irq_lines: dict[int, IrqLine] = {}
         self.mmio_devices: list[acpi.MmioDeviceDesc] = []
+        self.virtio_transports: list[VirtioMmioTransport] = []
+        self.devices: dict = {}
         self.vcpus = []
         self._vcpu_threads = []
         self._built = False
@@ -84,6 +91,23 @@ class Vm:
     def add_mmio_device(self, name: str, device, base: int, size: int) -> None:
         """Put a device on the MMIO bus."""
         self.mmio_bus.insert(device, base, size, name)
+
+    def add_virtio_device(self, device) -> VirtioMmioTransport:
+        """Put a :class:`~vmmkit.virtio.VirtioDevice` on its own virtio-MMIO window and GSI.
+
+        The window and interrupt are listed in the ACPI DSDT, so the guest
+        finds the device without command-line help; queue kicks are wired as
+        ioeventfds and interrupts as irqfds.
+        """
+        index = len(self.virtio_transports)
+        if index >= len(VIRTIO_GSIS):
+            raise VmmkitError(f"too many virtio devices: at most {len(VIRTIO_GSIS)}")
+        base, gsi = layout.virtio_mmio_addr(index), VIRTIO_GSIS[index]
+        transport = VirtioMmioTransport(device, self.memory, self.irq_line(gsi).trigger, kvm_vm=self.kvm_vm, base=base)
+        self.add_mmio_device(f"virtio-{device.name}", transport, base, MMIO_WINDOW)
+        self.mmio_devices.append(acpi.MmioDeviceDesc(base, MMIO_WINDOW, gsi))
+        self.virtio_transports.append(transport)
+        return transport
 
     def irq_line(self, gsi: int) -> IrqLine:
         """The edge-triggered interrupt line *gsi* (one irqfd, shared by callers)."""
@@ -141,6 +165,7 @@ class Vm:
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.plugins.call("vmmkit_vm_setup_platform", vm=self)
+        self._create_devices()
         self._load_guest()
         supported = self.kvm.supported_cpuid()
         for index in range(spec.machine.vcpus):
@@ -157,6 +182,13 @@ class Vm:
         self._built = True
         self.plugins.call("vmmkit_vm_built", vm=self)
         return self
+
+    def _create_devices(self) -> None:
+        for dspec in self.spec.devices:
+            kind = self.plugins.kinds.get(dspec.kind)
+            if kind is None:
+                raise PluginError(f"device {dspec.id!r}: no plugin provides kind {dspec.kind!r}")
+            self.devices[dspec.id] = kind.create(self, dspec)
 
     def _guest_files(self) -> tuple[str, str | None]:
         boot = self.spec.boot
@@ -237,6 +269,8 @@ class Vm:
             self.request_stop("signal", "interrupted")
         for t in self._vcpu_threads:
             t.join(timeout=5)
+        for transport in self.virtio_transports:
+            transport.device.reset()  # workers stop before the memory they use goes away
         self.plugins.call("vmmkit_vm_stopping", vm=self, reason=self.stop_reason)
         return self._exit_status()
 
@@ -316,6 +350,11 @@ class Vm:
 
     def close(self) -> None:
         """Release KVM, memory and eventfds."""
+        for transport in self.virtio_transports:
+            transport.close()
+            close = getattr(transport.device, "close", None)
+            if close is not None:
+                close()
         for line in self.irq_lines.values():
             line.event.close()
         if hasattr(self, "kvm_vm"):

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vmmkit.guest import build
+from vmmkit.guest import build, rootfs
 from vmmkit.guest.cpio import read_cpio
 
 pytestmark = pytest.mark.lab
@@ -52,3 +52,25 @@ def test_initramfs_holds_modules_init_and_socat_with_libraries():
     for lib in ("libc.so.6", "libssl.so.3", "libwrap.so.0", "ld-linux-x86-64.so.2"):
         assert f"lib/x86_64-linux-gnu/{lib}" in files, lib
     assert "lib64/ld-linux-x86-64.so.2" in files
+
+
+def test_rootfs_image_has_the_initramfs_contents_but_not_its_marker():
+    shown = build.show()
+    assert shown.rootfs == os.path.join(build.guest_dir(), "rootfs.ext4")
+    with open(os.path.join(build.guest_dir(), "manifest.json")) as f:
+        assert json.load(f)["rootfs"] == "rootfs.ext4"
+    assert os.path.getsize(shown.rootfs) % 512 == 0
+    debugfs = rootfs.find_tool("debugfs")
+
+    def ls(path):
+        out = subprocess.run([debugfs, "-R", f"ls {path}", shown.rootfs], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, check=True).stdout
+        return out.split()
+
+    top = ls("/")
+    assert "init" in top and "bin" in top
+    assert "modules" in ls("/etc/vmmkit")
+    assert os.path.basename(build.INITRAMFS_MARKER) not in ls("/etc/vmmkit")
+    assert "console" in ls("/dev") and "null" in ls("/dev")
+    assert build.INITRAMFS_MARKER in read_cpio(open(shown.initrd, "rb").read())
+    assert "rootfs.ext4" in run("guest", "show").stdout

@@ -2,12 +2,16 @@
 
 The default guest is the Debian cloud kernel's bzImage and a busybox
 initramfs holding the virtio modules and an /init that either runs the
-command passed with ``--exec`` or starts a shell on the console. It is built
-once into the cache; later calls find the manifest and do nothing.
+command passed with ``--exec`` or starts a shell on the console. The same
+files also make ``rootfs.ext4``, an ext4 image to give the VM as a virtio-blk
+disk: with ``root=/dev/vda`` on the kernel command line, the initramfs's
+/init mounts it and switches to it, and the disk's /init then runs as usual.
+It is built once into the cache; later calls find the manifest and do nothing.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -16,7 +20,8 @@ import attrs
 
 from .. import paths
 from . import apt
-from .initramfs import build_machine
+from .initramfs import CHAR_DEVICES, build_machine
+from .rootfs import rootfs_from_cpio
 
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
@@ -25,9 +30,12 @@ GUEST_MODULES = [
     "fuse", "virtiofs", "vsock", "vmw_vsock_virtio_transport", "vmw_vsock_virtio_transport_common",
     "ext4", "crc32c_generic",
 ]
-FORMAT = 3  # bump when the image layout or /init changes, so caches rebuild
+FORMAT = 5  # bump when the image layout or /init changes, so caches rebuild
 
 EXEC_PARAM = "vmmkit.exec"
+# Only in the initramfs, not in rootfs.ext4: tells /init where it runs.
+INITRAMFS_MARKER = "etc/vmmkit/initramfs"
+ROOTFS = "rootfs.ext4"
 # The console carries kernel messages before the command starts; the VMM (or
 # a QEMU peer in tests) forwards only what follows START_MARKER, up to
 # EXIT_MARKER, which is followed by the status digits and ']'.
@@ -36,7 +44,10 @@ EXIT_MARKER = "\x1b[vmmkit-exit="
 
 INIT = r"""#!/bin/sh
 # vmmkit default guest init. Runs the base64 command in vmmkit.exec= on the
-# kernel command line, or a shell on the console.
+# kernel command line, or a shell on the console. In the initramfs, with
+# root=/dev/NAME on the command line, it mounts that ext4 disk (read-only with
+# `ro`) and hands over to the disk's /init, this same script, which then skips
+# this step (the disk has no @INITRAMFS_MARKER@).
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root TERM=${TERM:-linux}
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -47,6 +58,32 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 release=$(uname -r)
 while read -r m; do insmod "/lib/modules/$release/$m" 2>/dev/null; done < /etc/vmmkit/modules
+if [ -e @INITRAMFS_MARKER@ ]; then
+  root= rootmode=rw
+  for arg in $(cat /proc/cmdline); do
+    case "$arg" in root=*) root="${arg#root=}" ;; ro) rootmode=ro ;; rw) rootmode=rw ;; esac
+  done
+  if [ -n "$root" ]; then
+    # A VM whose root cannot be found stops, rather than hang or run from the initramfs.
+    fail() { echo "vmmkit guest: $*"; poweroff -f; exit 1; }
+    case "$root" in /dev/?*) ;; *) fail "unsupported root=$root (give root=/dev/NAME)" ;; esac
+    i=0
+    while [ ! -b "$root" ]; do
+      [ "$i" -lt 100 ] || fail "root device $root did not appear"
+      sleep 0.1
+      i=$((i + 1))
+    done
+    mkdir -p /newroot
+    mount -t ext4 -o "$rootmode" "$root" /newroot || fail "cannot mount root device $root (ext4, $rootmode)"
+    [ -x /newroot/init ] || fail "root device $root has no /init"
+    # The disk's /init mounts these again. No 2>/dev/null here: an open
+    # /dev/null would keep /dev busy.
+    umount /dev/shm /dev/pts /tmp
+    umount /dev /sys /proc
+    exec switch_root /newroot /init
+    fail "switch_root to $root failed"
+  fi
+fi
 hostname vmmkit
 ip link set lo up 2>/dev/null
 cd /root
@@ -61,6 +98,9 @@ if [ -n "$cmd" ]; then
   echo "$cmd" | base64 -d > /tmp/.vmmkit-exec
   sh /tmp/.vmmkit-exec </dev/console >/dev/console 2>&1
   rc=$?
+  # The VMM stops the VM as soon as it sees the status: what the command
+  # wrote to a disk must be on the disk by then.
+  sync
   # stty sets the line with TCSADRAIN: it returns once the UART has sent
   # everything, so no output is lost to the power-off.
   stty -F /dev/console raw -echo 2>/dev/null
@@ -81,6 +121,7 @@ poweroff -f
 def init_script() -> bytes:
     """The default guest's /init, with vmmkit's constants filled in."""
     text = (INIT.replace("@EXEC_PARAM@", EXEC_PARAM)
+            .replace("@INITRAMFS_MARKER@", "/" + INITRAMFS_MARKER)
             .replace("@START_MARKER@", START_MARKER.replace("\x1b", "\\033").replace("\n", "\\n"))
             .replace("@EXIT_MARKER@", EXIT_MARKER.replace("\x1b", "\\033")))
     return text.encode()
@@ -141,9 +182,11 @@ def show() -> GuestFiles:
     if manifest is None:
         return GuestFiles(d, os.path.join(d, "vmlinuz"), os.path.join(d, "initramfs.cpio"),
                           "", KERNEL_META, "", (), False)
+    rootfs = os.path.join(d, manifest["rootfs"]) if manifest.get("rootfs") else None
     return GuestFiles(d, os.path.join(d, manifest["kernel"]), os.path.join(d, manifest["initrd"]),
                       manifest["release"], manifest["kernel_package"], manifest["kernel_version"],
-                      tuple(manifest["extras"]), True)
+                      tuple(manifest["extras"]), True,
+                      rootfs if rootfs and os.path.exists(rootfs) else None)
 
 
 def build(extras: list[str] = (), *, progress=print, force: bool = False, reset: bool = False) -> GuestFiles:
@@ -152,8 +195,20 @@ def build(extras: list[str] = (), *, progress=print, force: bool = False, reset:
     *extras* are Debian packages whose programs (with their libraries) join
     the initramfs; they add to those of earlier builds unless *reset*. A build whose kernel
     version and extras match the manifest is a no-op that downloads nothing:
-    apt is only asked which version is current.
+    apt is only asked which version is current. Concurrent builds (two
+    `vmmkit run` starting on a fresh machine) take turns on a lock file.
     """
+    os.makedirs(guest_dir(), exist_ok=True)
+    with open(os.path.join(guest_dir(), ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            progress("another vmmkit is building the default guest: waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _build_locked(extras, progress=progress, force=force, reset=reset)
+
+
+def _build_locked(extras, *, progress, force: bool, reset: bool) -> GuestFiles:
     raw = _raw_manifest()
     manifest = read_manifest(raw)
     # Extras survive a rebuild for a newer image format: take them even from a stale manifest.
@@ -163,15 +218,25 @@ def build(extras: list[str] = (), *, progress=print, force: bool = False, reset:
     kernel_version = apt.candidate_version(kernel_pkg)
     if (not force and manifest and manifest.get("format") == FORMAT
             and manifest["kernel_package"] == kernel_pkg
-            and manifest["kernel_version"] == kernel_version and manifest["extras"] == wanted):
+            and manifest["kernel_version"] == kernel_version and manifest["extras"] == wanted
+            and show().rootfs):
         return show()
 
     started = time.monotonic()
     progress(f"building the default guest: {kernel_pkg} {kernel_version}, busybox"
              + (f", {', '.join(wanted)}" if wanted else ""))
-    release = build_machine(guest_dir(), kernel_pkg, BUSYBOX, GUEST_MODULES, init_script(), wanted, progress)
+    marker = (INITRAMFS_MARKER, b"the default guest's initramfs (not in rootfs.ext4)\n", 0o644)
+    release = build_machine(guest_dir(), kernel_pkg, BUSYBOX, GUEST_MODULES, init_script(), wanted, progress,
+                            files=[marker])
+    rootfs_started = time.monotonic()
+    progress(f"making {ROOTFS} from the initramfs")
+    size = rootfs_from_cpio(os.path.join(guest_dir(), "initramfs.cpio"), os.path.join(guest_dir(), ROOTFS),
+                            exclude=[INITRAMFS_MARKER],
+                            devices=[(name, "c", major, minor, mode) for name, major, minor, mode in CHAR_DEVICES],
+                            work_parent=paths.cache_dir())
+    progress(f"{ROOTFS}: {size >> 20} MiB ext4 in {time.monotonic() - rootfs_started:.1f}s")
     manifest = {
-        "format": FORMAT, "kernel": "vmlinuz", "initrd": "initramfs.cpio", "release": release,
+        "format": FORMAT, "kernel": "vmlinuz", "initrd": "initramfs.cpio", "rootfs": ROOTFS, "release": release,
         "kernel_package": kernel_pkg, "kernel_version": kernel_version, "extras": wanted,
     }
     tmp = _manifest_path() + ".tmp"

@@ -20,6 +20,8 @@ BASE_DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "lib", "lib64", "etc", "proc"
              "dev", "tmp", "root", "run", "mnt", "var", "lib/x86_64-linux-gnu")
 LIB_DIR = "lib/x86_64-linux-gnu"
 PROGRAM_DIRS = ("usr/bin/", "usr/sbin/", "bin/", "sbin/")
+# Device nodes in the image, there before devtmpfs is mounted: (name, major, minor, mode).
+CHAR_DEVICES = (("dev/console", 5, 1, 0o600), ("dev/null", 1, 3, 0o666))
 
 
 class InitramfsBuilder:
@@ -33,8 +35,8 @@ class InitramfsBuilder:
         self.cpio = CpioWriter(self._file)
         for d in BASE_DIRS:
             self.cpio.add_dirs(d)
-        self.cpio.add_chardev("dev/console", 5, 1)
-        self.cpio.add_chardev("dev/null", 1, 3, 0o666)
+        for name, major, minor, mode in CHAR_DEVICES:
+            self.cpio.add_chardev(name, major, minor, mode)
         self.cpio.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
         self.cpio.add_file("etc/group", b"root:x:0:\n")
 
@@ -197,11 +199,12 @@ def unpack_kernel(kernel_deb: str, work_dir: str) -> tuple[str, str, str]:
 
 
 def build_machine(dest_dir: str, kernel_pkg: str, busybox_pkg: str, modules: list[str], init: bytes,
-                  extras: list[str] = (), progress=lambda s: None) -> str:
+                  extras: list[str] = (), progress=lambda s: None, files=()) -> str:
     """Build ``vmlinuz`` and ``initramfs.cpio`` into *dest_dir* from Debian packages; return the kernel release.
 
     The guest and the lab are both this: a Debian kernel, busybox, some of
     the kernel's modules, an /init, and optionally other packages' programs.
+    *files* are more files for the initramfs, as ``(name, data, mode)``.
     """
     os.makedirs(dest_dir, exist_ok=True)
     debs = apt.download([kernel_pkg, busybox_pkg], paths.debs_dir(), progress)
@@ -213,6 +216,8 @@ def build_machine(dest_dir: str, kernel_pkg: str, busybox_pkg: str, modules: lis
             builder.add_busybox(debs[busybox_pkg])
             builder.add_modules(moddir, release, modules)
             builder.add_programs(list(extras), paths.debs_dir())
+            for name, data, mode in files:
+                builder.add_file(name, data, mode)
             builder.add_file("init", init, 0o755)
             builder.finish()
         except BaseException:

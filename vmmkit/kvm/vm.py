@@ -95,6 +95,10 @@ class EventFd:
     def __init__(self):
         self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
 
+    def fileno(self) -> int:
+        """The descriptor, so an EventFd can be polled directly."""
+        return self.fd
+
     def signal(self) -> None:
         """Add one to the counter (for an irqfd: inject an interrupt)."""
         os.eventfd_write(self.fd, 1)
@@ -107,8 +111,10 @@ class EventFd:
             return 0
 
     def close(self) -> None:
-        """Close the descriptor."""
-        os.close(self.fd)
+        """Close the descriptor (once)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 __all__ = ["KvmVm", "EventFd", "KvmError"]

@@ -1,0 +1,55 @@
+"""The ``blk`` device kind: a virtio block device on a raw image.
+
+    [[device]]
+    kind = "blk"
+    path = "disk.img"      # a raw image (or a block device)
+    read_only = false
+    serial = "data0"       # answered to VIRTIO_BLK_T_GET_ID (at most 20 bytes)
+    cache = "writeback"    # or "none" (O_DIRECT)
+
+Disks appear in the guest as /dev/vda, /dev/vdb, ... in the order of the
+``[[device]]`` tables.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import attrs
+
+from vmmkit.hookspecs import hookimpl
+from vmmkit.plugins import DeviceKind
+from vmmkit.schema import Path, spec
+
+from .device import ID_BYTES, VirtioBlk
+from .disk import Disk
+
+
+def _serial_fits(instance, attribute, value):
+    if len(value.encode()) > ID_BYTES:
+        raise ValueError(f"expected at most {ID_BYTES} bytes, found {len(value.encode())}: {value!r}")
+
+
+@spec
+class BlkSpec:
+    """One ``kind = "blk"`` table."""
+
+    path: Path = attrs.field(metadata={"must_exist": True})
+    read_only: bool = False
+    serial: str = attrs.field(default="", validator=_serial_fits)
+    cache: Literal["writeback", "none"] = "writeback"
+
+
+def create(vm, device_spec):
+    """Open the image and put a virtio-blk device on the VM's virtio-MMIO bus."""
+    opts = device_spec.options
+    disk = Disk(opts.path, read_only=opts.read_only, cache=opts.cache)
+    device = VirtioBlk(device_spec.id, disk, serial=opts.serial)
+    vm.add_virtio_device(device)
+    return device
+
+
+@hookimpl
+def vmmkit_device_kinds():
+    """Declare the ``blk`` kind."""
+    return [DeviceKind("blk", BlkSpec, create, "virtio block device on a raw image")]

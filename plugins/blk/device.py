@@ -1,0 +1,177 @@
+"""virtio-blk (virtio 1.x, 5.2): the request protocol over one queue, in Python.
+
+Every request is checked before the disk is touched: the header must be
+readable and whole, the status byte writable, data lengths whole sectors,
+sector ranges inside the disk, discard segments well-formed. A bad request
+gets VIRTIO_BLK_S_IOERR or S_UNSUPP in its status byte; a chain with no
+room for a status byte at all breaks the protocol and the device asks for a
+reset. A host I/O error is the guest's IOERR, never a VMM failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+
+from vmmkit.virtio import VirtioDevice
+from vmmkit.virtio.constants import ID_BLOCK
+from vmmkit.virtio.queue import DescriptorChain, QueueError
+
+from .disk import SECTOR, Disk
+
+log = logging.getLogger("vmmkit.blk")
+
+# Feature bits (5.2.3).
+F_SEG_MAX = 2
+F_RO = 5
+F_BLK_SIZE = 6
+F_FLUSH = 9
+F_TOPOLOGY = 10
+F_DISCARD = 13
+F_WRITE_ZEROES = 14
+
+# Request types and status values (5.2.6).
+T_IN = 0
+T_OUT = 1
+T_FLUSH = 4
+T_GET_ID = 8
+T_DISCARD = 11
+T_WRITE_ZEROES = 13
+S_OK = 0
+S_IOERR = 1
+S_UNSUPP = 2
+
+ID_BYTES = 20
+WRITE_ZEROES_F_UNMAP = 1
+QUEUE_SIZE = 256
+MAX_DISCARD_SEG = 16
+MAX_DISCARD_SECTORS = (1 << 30) // SECTOR  # 1 GiB per segment bounds the time one request can take
+
+_HEADER = struct.Struct("<IIQ")
+_SEGMENT = struct.Struct("<QII")
+_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+
+
+class BlkError(Exception):
+    """A request the device answers with an error status."""
+
+    def __init__(self, status: int, why: str):
+        super().__init__(why)
+        self.status = status
+
+
+class VirtioBlk(VirtioDevice):
+    """A virtio block device backed by a :class:`~plugins.blk.disk.Disk`."""
+
+    device_id = ID_BLOCK
+    queue_sizes = (QUEUE_SIZE,)
+
+    def __init__(self, name: str, disk: Disk, serial: str = ""):
+        super().__init__(name)
+        self.disk = disk
+        self.serial = serial.encode()[:ID_BYTES]
+        self.io_errors = 0
+
+    def device_features(self) -> int:
+        """Sector-size, segment-limit and flush always; discard and zeroing unless read-only."""
+        bits = (1 << F_SEG_MAX) | (1 << F_BLK_SIZE) | (1 << F_FLUSH) | (1 << F_TOPOLOGY)
+        if self.disk.read_only:
+            bits |= 1 << F_RO
+        else:
+            bits |= (1 << F_DISCARD) | (1 << F_WRITE_ZEROES)
+        return bits
+
+    def config_bytes(self) -> bytes:
+        """virtio_blk_config: capacity, limits, topology, discard and write-zeroes limits."""
+        return _CONFIG.pack(
+            self.disk.sectors, 0, QUEUE_SIZE - 2, 0, 0, 0, SECTOR,
+            3, 0, 8, 0,  # topology: 4 KiB physical blocks (2**3 sectors), 4 KiB minimum I/O
+            0, 0, 1,
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 8,
+            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, 1)
+
+    def handle_chain(self, queue_index: int, chain: DescriptorChain) -> int:
+        """Serve one request; the last writable byte gets the status."""
+        memory = self.ctx.memory
+        data_in = chain.writable_len - 1  # bytes before the status byte
+        if data_in < 0:
+            raise QueueError(f"request at head {chain.head} has no writable status byte")
+        try:
+            written = self._serve(memory, chain, data_in)
+            status = S_OK
+        except BlkError as exc:
+            log.debug("%s: request at head %d: %s", self.name, chain.head, exc)
+            written, status = 0, exc.status
+        except OSError as exc:
+            self.io_errors += 1
+            if self.io_errors <= 5:
+                log.warning("vmmkit: %s: host I/O error on %s: %s (the guest sees an I/O error)",
+                            self.name, self.disk.path, exc.strerror or exc)
+            written, status = 0, S_IOERR
+        chain.write(memory, data_in, bytes([status]))
+        return written + 1
+
+    def _serve(self, memory, chain: DescriptorChain, data_in: int) -> int:
+        if chain.readable_len < _HEADER.size:
+            raise BlkError(S_IOERR, f"header is {chain.readable_len} bytes, expected {_HEADER.size}")
+        rtype, _, sector = _HEADER.unpack(chain.read(memory, 0, _HEADER.size))
+        data_out = chain.readable_len - _HEADER.size
+        if rtype == T_IN:
+            offset = self._range(sector, data_in)
+            n = self.disk.readv(chain.writable_views(memory, 0, data_in), offset)
+            chain.mark_written(memory, 0, n)
+            if n != data_in:
+                raise BlkError(S_IOERR, f"short read at sector {sector}: the image shrank?")
+            return n
+        if rtype == T_OUT:
+            if self.disk.read_only:
+                raise BlkError(S_IOERR, "write to a read-only disk")
+            offset = self._range(sector, data_out)
+            n = self.disk.writev(chain.readable_views(memory, _HEADER.size, data_out), offset)
+            if n != data_out:
+                raise BlkError(S_IOERR, f"short write at sector {sector}")
+            return 0
+        if rtype == T_FLUSH:
+            self.disk.flush()
+            return 0
+        if rtype == T_GET_ID:
+            ident = self.serial + bytes(ID_BYTES - len(self.serial))
+            return chain.write(memory, 0, ident[:min(ID_BYTES, data_in)])
+        if rtype in (T_DISCARD, T_WRITE_ZEROES):
+            self._discard_or_zero(memory, chain, rtype, data_out)
+            return 0
+        raise BlkError(S_UNSUPP, f"request type {rtype}")
+
+    def _range(self, sector: int, length: int) -> int:
+        """The byte offset of a data transfer, after checking it is whole sectors inside the disk."""
+        if length % SECTOR:
+            raise BlkError(S_IOERR, f"data length {length} is not a multiple of {SECTOR}")
+        if sector > self.disk.sectors or length // SECTOR > self.disk.sectors - sector:
+            raise BlkError(S_IOERR, f"sectors {sector}+{length // SECTOR} are past the end of the disk "
+                                    f"({self.disk.sectors} sectors)")
+        return sector * SECTOR
+
+    def _discard_or_zero(self, memory, chain: DescriptorChain, rtype: int, data_out: int) -> None:
+        if self.disk.read_only:
+            raise BlkError(S_IOERR, "discard or write-zeroes on a read-only disk")
+        if data_out == 0 or data_out % _SEGMENT.size or data_out // _SEGMENT.size > MAX_DISCARD_SEG:
+            raise BlkError(S_UNSUPP, f"{data_out} bytes of segments (expected 1..{MAX_DISCARD_SEG} of 16)")
+        raw = chain.read(memory, _HEADER.size, data_out)
+        segments = [_SEGMENT.unpack_from(raw, i) for i in range(0, data_out, _SEGMENT.size)]
+        for sector, count, flags in segments:  # check them all before acting on any
+            if count > MAX_DISCARD_SECTORS:
+                raise BlkError(S_IOERR, f"segment of {count} sectors exceeds the limit {MAX_DISCARD_SECTORS}")
+            self._range(sector, count * SECTOR)
+            allowed = WRITE_ZEROES_F_UNMAP if rtype == T_WRITE_ZEROES else 0
+            if flags & ~allowed:
+                raise BlkError(S_UNSUPP, f"segment flags {flags:#x}")
+        for sector, count, flags in segments:
+            if rtype == T_DISCARD:
+                self.disk.discard(sector * SECTOR, count * SECTOR)
+            else:
+                self.disk.write_zeroes(sector * SECTOR, count * SECTOR, bool(flags & WRITE_ZEROES_F_UNMAP))
+
+    def close(self) -> None:
+        """Stop and close the image."""
+        super().reset()
+        self.disk.close()
