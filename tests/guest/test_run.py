@@ -95,7 +95,8 @@ class Console:
 
 
 def test_boots_to_a_shell_and_poweroff_exits_zero(tmp_path):
-    console = Console(write_config(tmp_path, "[machine]\nvcpus = 2\n"))
+    # One vCPU: SMP has its own test, and 2-vCPU guests are what sometimes crash the lab (docs/lab.md).
+    console = Console(write_config(tmp_path, "[machine]\nvcpus = 1\n"))
     console.expect(b"Linux version")           # the kernel's own boot messages reach the console
     console.expect(b"type 'poweroff'")          # the default guest's init is running
     console.send(b"echo $((6*7))\r")             # keystrokes reach the guest

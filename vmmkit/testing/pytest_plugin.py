@@ -23,6 +23,8 @@ import pytest
 from ..hostkvm import in_lab, kvm_status
 
 REPORT_OPT = "--vmmkit-lab-report"
+#: Fresh labs for the tests a crashed lab took down (the crash is the emulator's, see docs/lab.md).
+LAB_RETRIES = 2
 
 
 def pytest_addoption(parser):
@@ -59,6 +61,8 @@ class _LabReporter:
             entry["text"] = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         for name, content in report.sections:
             entry["output"] += f"--- {name} ---\n{content}\n"
+        if report.when == "teardown":
+            entry["done"] = True
         self._save()
 
     def _save(self):
@@ -100,15 +104,37 @@ class _LabSession:
         self.nodeids = nodeids
         self.results: dict[str, dict] | None = None
         self.status: int | None = None
+        self.lab_failures: list[str] = []
 
     def run(self):
-        from ..lab.run import LabError, run_in_lab
+        """Run the guest tests; if the lab machine itself dies, run the unfinished ones in a fresh lab.
+
+        The emulated machine's kernel occasionally crashes under nested KVM
+        (docs/lab.md): that is the lab failing, not the test, so the tests it
+        took down get another lab, up to LAB_RETRIES times, and say so.
+        """
+        from ..lab.run import LAB_FAILED
         tr = self.config.pluginmanager.getplugin("terminalreporter")
+        self.results = {}
+        pending = list(self.nodeids)
+        for attempt in range(1 + LAB_RETRIES):
+            self._run_once(pending, tr)
+            pending = [n for n in pending if n not in self.results]
+            if self.status != LAB_FAILED or not pending:
+                return
+            note = (f"the KVM lab failed (status {self.status}) with {len(pending)} guest tests unfinished; "
+                    + ("running them in a fresh lab" if attempt < LAB_RETRIES else "giving up"))
+            if tr is not None:
+                tr.write_sep("!", note)
+            self.lab_failures.append(note)
+
+    def _run_once(self, nodeids: list[str], tr) -> None:
+        from ..lab.run import LAB_FAILED, LabError, run_in_lab
         outdir = tempfile.mkdtemp(prefix="vmmkit-pytest-")
         report = os.path.join(outdir, "report.json")
         color = "yes" if tr is not None and tr.hasmarkup else "no"
         argv = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfE", f"--color={color}",
-                f"{REPORT_OPT}={report}", "--lab=never"] + self.nodeids
+                f"{REPORT_OPT}={report}", "--lab=never"] + nodeids
 
         class Out:
             def write(self, data: bytes):
@@ -123,7 +149,7 @@ class _LabSession:
                     tr.flush()
 
         if tr is not None:
-            tr.write_sep("=", f"running {len(self.nodeids)} guest tests in the KVM lab")
+            tr.write_sep("=", f"running {len(nodeids)} guest tests in the KVM lab")
         try:
             self.status = run_in_lab(argv, shares=[outdir], timeout=self.config.getoption("--lab-timeout"),
                                      cwd=str(self.config.rootpath), stdout=Out(), stderr=Out())
@@ -134,9 +160,13 @@ class _LabSession:
             tr.write_sep("=", f"KVM lab session ended (status {self.status})")
         try:
             with open(report) as f:
-                self.results = json.load(f)
+                results = json.load(f)
         except (OSError, ValueError):
-            self.results = {}
+            results = {}
+        if self.status == LAB_FAILED:
+            # The test that was running when the lab died has a partial entry, or none.
+            results = {n: r for n, r in results.items() if r.get("done")}
+        self.results.update(results)
         shutil.rmtree(outdir, ignore_errors=True)
 
     def result(self, nodeid: str):
@@ -145,7 +175,8 @@ class _LabSession:
         return self.results.get(nodeid)
 
     def failure_text(self) -> str:
-        return getattr(self, "error", f"lab session status {self.status}; see its output above")
+        text = getattr(self, "error", f"lab session status {self.status}; see its output above")
+        return "\n".join(self.lab_failures + [text])
 
 
 def _decide(config) -> tuple[str, str | None]:

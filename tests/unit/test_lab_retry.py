@@ -1,0 +1,71 @@
+"""The pytest plugin's answer to a lab machine that dies mid-session: unfinished guest tests get a fresh lab."""
+
+import json
+import types
+
+import pytest
+
+from vmmkit.lab import run as lab_run
+from vmmkit.testing import pytest_plugin
+from vmmkit.testing.pytest_plugin import REPORT_OPT, _LabSession
+
+
+class FakeConfig:
+    rootpath = "."
+
+    def __init__(self):
+        self.pluginmanager = types.SimpleNamespace(getplugin=lambda name: None)
+
+    def getoption(self, name):
+        return 600
+
+
+def fake_lab(script):
+    """A run_in_lab stand-in: each call finishes the listed tests, then returns the status given."""
+    calls = []
+
+    def run_in_lab(argv, **kw):
+        report = next(a.split("=", 1)[1] for a in argv if a.startswith(REPORT_OPT + "="))
+        asked = [a for a in argv if "::" in a]
+        finished, half_done, status = script[len(calls)]
+        calls.append(asked)
+        results = {n: {"outcome": "passed", "text": "", "output": "", "done": True} for n in finished}
+        results.update({n: {"outcome": "passed", "text": "", "output": ""} for n in half_done})
+        with open(report, "w") as f:
+            json.dump(results, f)
+        return status
+    return run_in_lab, calls
+
+
+def test_a_crashed_lab_reruns_only_the_unfinished_tests(monkeypatch):
+    ids = ["t.py::a", "t.py::b", "t.py::c"]
+    # The first lab finishes a, dies inside b (its setup passed, the rest never came).
+    fake, calls = fake_lab([(["t.py::a"], ["t.py::b"], lab_run.LAB_FAILED), (["t.py::b", "t.py::c"], [], 0)])
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ids)
+    session.run()
+    assert calls == [ids, ["t.py::b", "t.py::c"]]
+    assert all(session.result(n)["outcome"] == "passed" for n in ids)
+    assert len(session.lab_failures) == 1 and "2 guest tests unfinished" in session.lab_failures[0]
+
+
+def test_a_lab_that_keeps_dying_gives_up_and_says_why(monkeypatch):
+    ids = ["t.py::a", "t.py::b"]
+    script = [([], [], lab_run.LAB_FAILED)] * (1 + pytest_plugin.LAB_RETRIES)
+    fake, calls = fake_lab(script)
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ids)
+    session.run()
+    assert len(calls) == 1 + pytest_plugin.LAB_RETRIES
+    assert session.result("t.py::a") is None
+    assert "giving up" in session.failure_text()
+
+
+def test_failing_tests_are_not_rerun(monkeypatch):
+    # Exit status 1 is pytest's "some tests failed": the lab worked, nothing is retried.
+    fake, calls = fake_lab([(["t.py::a"], [], 1)])
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ["t.py::a", "t.py::b"])
+    session.run()
+    assert len(calls) == 1
+    assert session.result("t.py::b") is None
