@@ -359,7 +359,9 @@ class _Parser:
 
     def install_hint(self, name: str) -> str:
         hint = self.hints.get(name)
-        return f" (install it with: {hint})" if hint else ""
+        if not hint:
+            return ""
+        return f" ({hint})" if hint.startswith("it ") else f" (install it with: {hint})"
 
     # -- top level ---------------------------------------------------------
 

@@ -20,6 +20,12 @@ from .errors import VmmkitError
 
 GROUP = "vmmkit"
 
+#: Kinds and features that plugins outside vmmkit provide, and how to get them:
+#: an unknown kind in a TOML file is answered with the install command.
+KNOWN_PACKAGES = {
+    "virtio-rng": "pip install vmmkit-virtio-rng  (examples/vmmkit-virtio-rng in the vmmkit source)",
+}
+
 
 @attrs.frozen
 class DeviceKind:
@@ -114,6 +120,21 @@ class Plugins:
             self.pm.unregister(name=name)
         except ValueError:
             pass
+
+    def device_schemas(self) -> dict[str, type]:
+        """Each device kind's TOML schema, for :func:`vmmkit.config.load_config` and ``VmSpec.build``."""
+        return {name: kind.schema for name, kind in self.kinds.items()}
+
+    def feature_schemas(self) -> dict[str, type]:
+        """Each feature table's schema."""
+        return {name: feature.schema for name, feature in self.features.items()}
+
+    def hints(self) -> dict[str, str]:
+        """For kinds no loaded plugin provides: the package to install, or the disabled or broken plugin."""
+        hints = dict(KNOWN_PACKAGES)
+        for name in self.disabled:
+            hints.setdefault(name, f"it may come from plugin {name!r}, disabled in [plugins] disable")
+        return hints
 
     def broken(self) -> dict[str, str]:
         """Plugins that failed, with the cause."""

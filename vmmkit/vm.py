@@ -82,6 +82,11 @@ class Vm:
         self.vcpus = []
         self._vcpu_threads = []
         self._built = False
+        # Every thread vmmkit starts from now on tells the plugins (seccomp installs its filter there).
+        threads.add_thread_start_callback(self._thread_started)
+
+    def _thread_started(self, role: str, name: str) -> None:
+        self.plugins.call("vmmkit_thread_start", role=role, name=name)
 
     # ----- what plugins use -----
     def add_pio_device(self, name: str, device, base: int, size: int) -> None:
@@ -348,8 +353,18 @@ class Vm:
                 raise KvmError(f"unexpected exit {reason} (hw reason {ex.hw_reason:#x}, suberror {ex.internal_suberror}) "
                                f"at rip {regs['rip']:#x}")
 
+    def __enter__(self) -> "Vm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
-        """Release KVM, memory and eventfds."""
+        """Release KVM, memory, devices and eventfds."""
+        try:
+            threads.remove_thread_start_callback(self._thread_started)
+        except ValueError:
+            pass  # closed before
         for transport in self.virtio_transports:
             transport.close()
             close = getattr(transport.device, "close", None)

@@ -33,12 +33,12 @@ def blk(path, **options):
     return "\n".join(lines) + "\n"
 
 
-def test_guest_writes_reach_the_host_and_host_data_reaches_the_guest(vmmkit, tmp_path):
+def test_guest_writes_reach_the_host_and_host_data_reaches_the_guest(vmmkit_run, tmp_path):
     host_data = os.urandom(4 * MiB)
     disk = image(tmp_path, fill=bytes(16 * MiB) + host_data)
     # The guest writes 8 MiB of a pattern the host can recompute, then reads back
     # what the host put at 16 MiB; direct I/O so the guest's page cache cannot answer.
-    proc = vmmkit.exec(blk(disk), "cat /sys/block/vda/size; "
+    proc = vmmkit_run.exec(blk(disk), "cat /sys/block/vda/size; "
                        "yes vmmkit-pattern | head -c 8388608 | dd of=/dev/vda bs=1M oflag=direct 2>/dev/null; "
                        "dd if=/dev/vda bs=1M skip=16 count=4 iflag=direct 2>/dev/null | sha256sum")
     assert proc.returncode == 0, proc.stderr.decode()
@@ -49,10 +49,10 @@ def test_guest_writes_reach_the_host_and_host_data_reaches_the_guest(vmmkit, tmp
     assert sha256(disk, 0, 8 * MiB) == hashlib.sha256(pattern).hexdigest()
 
 
-def test_read_only_disk_refuses_guest_writes_and_stays_unchanged(vmmkit, tmp_path):
+def test_read_only_disk_refuses_guest_writes_and_stays_unchanged(vmmkit_run, tmp_path):
     disk = image(tmp_path, fill=os.urandom(MiB))
     before = sha256(disk)
-    proc = vmmkit.exec(blk(disk, read_only=True), "cat /sys/block/vda/ro; "
+    proc = vmmkit_run.exec(blk(disk, read_only=True), "cat /sys/block/vda/ro; "
                        "if echo x | dd of=/dev/vda bs=512 count=1 conv=sync oflag=direct 2>/dev/null; "
                        "then echo write-ok; else echo write-failed; fi")
     assert proc.returncode == 0, proc.stderr.decode()
@@ -60,10 +60,10 @@ def test_read_only_disk_refuses_guest_writes_and_stays_unchanged(vmmkit, tmp_pat
     assert sha256(disk) == before
 
 
-def test_discard_from_the_guest_frees_host_blocks(vmmkit, tmp_path):
+def test_discard_from_the_guest_frees_host_blocks(vmmkit_run, tmp_path):
     disk = image(tmp_path, size=32 * MiB, fill=os.urandom(32 * MiB))
     allocated_before = os.stat(disk).st_blocks * 512
-    proc = vmmkit.exec(blk(disk), "blkdiscard /dev/vda && echo discarded")
+    proc = vmmkit_run.exec(blk(disk), "blkdiscard /dev/vda && echo discarded")
     assert proc.returncode == 0, proc.stderr.decode()
     assert "discarded" in proc.stdout.decode()
     assert allocated_before >= 32 * MiB
@@ -72,11 +72,11 @@ def test_discard_from_the_guest_frees_host_blocks(vmmkit, tmp_path):
         assert f.read(MiB) == bytes(MiB)
 
 
-def test_two_disks_with_serials_and_sizes(vmmkit, tmp_path):
+def test_two_disks_with_serials_and_sizes(vmmkit_run, tmp_path):
     first = image(tmp_path, "a.img", 8 * MiB)
     second = image(tmp_path, "b.img", 24 * MiB)
     config = blk(first, serial="data0") + blk(second, serial="scratch-disk")
-    proc = vmmkit.exec(config, "for d in vda vdb; do echo $d $(cat /sys/block/$d/size) $(cat /sys/block/$d/serial); done; "
+    proc = vmmkit_run.exec(config, "for d in vda vdb; do echo $d $(cat /sys/block/$d/size) $(cat /sys/block/$d/serial); done; "
                                "echo second | dd of=/dev/vdb bs=512 conv=sync oflag=direct 2>/dev/null")
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().splitlines() == [f"vda {8 * MiB // 512} data0", f"vdb {24 * MiB // 512} scratch-disk"]
@@ -87,12 +87,12 @@ def test_two_disks_with_serials_and_sizes(vmmkit, tmp_path):
 
 
 @pytest.mark.parametrize("problem", ["missing", "odd-size"])
-def test_bad_disk_images_are_refused_before_boot(vmmkit, tmp_path, problem):
+def test_bad_disk_images_are_refused_before_boot(vmmkit_run, tmp_path, problem):
     disk = str(tmp_path / "disk.img")
     if problem == "odd-size":
         with open(disk, "wb") as f:
             f.write(b"x" * 1000)
-    proc = vmmkit.exec(blk(disk), "true", timeout=120)
+    proc = vmmkit_run.exec(blk(disk), "true", timeout=120)
     err = proc.stderr.decode()
     assert proc.returncode == 2, err
     assert disk in err
@@ -100,7 +100,7 @@ def test_bad_disk_images_are_refused_before_boot(vmmkit, tmp_path, problem):
     assert "Linux version" not in proc.stdout.decode()
 
 
-def test_boots_from_the_ext4_root_image(vmmkit, tmp_path):
+def test_boots_from_the_ext4_root_image(vmmkit_run, tmp_path):
     from vmmkit.guest import build as guest_build
     import shutil
     import subprocess
@@ -110,7 +110,7 @@ def test_boots_from_the_ext4_root_image(vmmkit, tmp_path):
     disk = str(tmp_path / "root.ext4")
     shutil.copyfile(rootfs, disk)
     config = blk(disk) + '[boot]\ncmdline = "root=/dev/vda"\n'
-    proc = vmmkit.exec(config, "grep ' / ' /proc/mounts; test -e /etc/vmmkit/initramfs || echo on-disk; "
+    proc = vmmkit_run.exec(config, "grep ' / ' /proc/mounts; test -e /etc/vmmkit/initramfs || echo on-disk; "
                                "echo written-in-the-guest > /root/note")
     assert proc.returncode == 0, proc.stderr.decode()
     out = proc.stdout.decode().splitlines()

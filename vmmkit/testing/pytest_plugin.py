@@ -6,7 +6,9 @@ hardware KVM (or inside the lab) they run in place. On a host without it
 session, streams that session's output, and reports each test's lab outcome
 under its own name on the host. When neither is possible, each guest test
 fails with the reason. Registered through the ``pytest11`` entry point, so a
-plugin author's tests get the same behaviour by installing vmmkit.
+plugin author's tests get the same behaviour by installing vmmkit, and two
+fixtures: ``virtio_harness`` (a device on a test bench, no KVM needed) and
+``vmmkit_run`` (boot the default guest with a TOML file).
 """
 
 from __future__ import annotations
@@ -218,3 +220,31 @@ def pytest_runtestloop(session):
     lab = getattr(session.config, "_vmmkit_lab", None)
     if lab is not None and not session.config.option.collectonly and lab.results is None:
         lab.run()
+
+
+# ----- fixtures for plugin authors -----
+
+@pytest.fixture
+def virtio_harness():
+    """A factory: ``virtio_harness(device, **options)`` puts *device* on a test bench
+    (:class:`vmmkit.testing.harness.VirtioHarness`: fake guest memory, the virtio-MMIO
+    transport, a Linux-like driver). Benches are closed when the test ends."""
+    from .harness import VirtioHarness
+    benches = []
+
+    def make(device, **options):
+        bench = VirtioHarness(device, **options)
+        benches.append(bench)
+        return bench
+    yield make
+    for bench in benches:
+        bench.close()
+
+
+@pytest.fixture
+def vmmkit_run(tmp_path):
+    """Boots the default guest with your TOML: ``vmmkit_run.exec(toml_text, "shell command")``
+    returns the finished `vmmkit run --exec` process. Mark the test ``@pytest.mark.guest``
+    so that it runs in the KVM lab on hosts without hardware KVM."""
+    from .runner import VmmkitRunner
+    return VmmkitRunner(tmp_path)
