@@ -7,7 +7,6 @@ does not need the broken one still boots.
 
 from __future__ import annotations
 
-import importlib.metadata as md
 import sys
 import traceback
 from typing import Any, Callable
@@ -79,11 +78,11 @@ class Plugins:
         self._collect()
 
     def _load_entry_points(self) -> None:
-        for ep in md.entry_points(group=GROUP):
+        from .entrypoints import entry_points
+        for ep in entry_points(GROUP):
             if ep.name in self.disabled or ep.name in self.infos:
                 continue
-            dist = getattr(ep, "dist", None)
-            dname, version = (dist.name, dist.version) if dist is not None else (None, None)
+            dname, version = ep.distribution, ep.version
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken third-party plugin must not take vmmkit down

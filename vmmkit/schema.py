@@ -31,12 +31,10 @@ be set from TOML.
 """
 
 import collections.abc
-import difflib
 import os
 import re
 import sys
 import typing
-from fractions import Fraction
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import attrs
@@ -215,10 +213,15 @@ def parse_size(value: Any) -> int:
             f"{_SIZE_EXPECTED}, found {value!r} "
             f"(unknown unit {unit!r}; use K, M, G or T, which are binary: 1K = 1024)"
         )
-    # Fraction, not float: "1.1G" must be recognised as a fractional byte count
-    # instead of being silently rounded.
-    size = Fraction(number) * multiplier
-    if size.denominator != 1:
+    if number.isdigit():
+        size = int(number) * multiplier
+    else:
+        # Fraction, not float: "1.1G" must be recognised as a fractional byte count
+        # instead of being silently rounded. Imported here: it is a slow import.
+        from fractions import Fraction
+
+        size = Fraction(number) * multiplier
+    if getattr(size, "denominator", 1) != 1:
         raise ValueError(f"{_SIZE_EXPECTED}, found {value!r}, which is not a whole number of bytes")
     if size <= 0:
         raise ValueError(f"expected a positive size, found {value!r}")
@@ -265,6 +268,8 @@ def suggest(name: str, candidates: Iterable[str], *, fmt: str = "'{}'") -> str:
 
     ``fmt`` renders the suggestion, e.g. ``"[{}]"`` for table names.
     """
+    import difflib  # only on the error path
+
     matches = difflib.get_close_matches(name, list(candidates), n=1)
     return f" (did you mean {fmt.format(matches[0])}?)" if matches else ""
 

@@ -312,6 +312,9 @@ class Vm:
     def _vcpu_run(self, vcpu) -> None:
         pio_read, pio_write = self.pio_bus.read, self.pio_bus.write
         mmio_read, mmio_write = self.mmio_bus.read, self.mmio_bus.write
+        if os.environ.get("VMMKIT_EXIT_STATS"):
+            from .exitstats import counting
+            pio_read, pio_write, mmio_read, mmio_write = counting(vcpu.index, pio_read, pio_write, mmio_read, mmio_write)
         run_map = memoryview(vcpu.run_map)
         EXIT_IO, EXIT_MMIO, IO_OUT = lib.KVM_EXIT_IO, lib.KVM_EXIT_MMIO, lib.KVM_EXIT_IO_OUT
         stop = self.stop_event

@@ -19,9 +19,6 @@ import time
 import attrs
 
 from .. import paths
-from . import apt
-from .initramfs import CHAR_DEVICES, build_machine
-from .rootfs import rootfs_from_cpio
 
 KERNEL_META = "linux-image-cloud-amd64"
 BUSYBOX = "busybox-static"
@@ -209,6 +206,10 @@ def build(extras: list[str] = (), *, progress=print, force: bool = False, reset:
 
 
 def _build_locked(extras, *, progress, force: bool, reset: bool) -> GuestFiles:
+    # Imported here: `vmmkit run` only needs show(), and these pull in tarfile and friends.
+    from . import apt
+    from .initramfs import CHAR_DEVICES, build_machine
+    from .rootfs import rootfs_from_cpio
     raw = _raw_manifest()
     manifest = read_manifest(raw)
     # Extras survive a rebuild for a newer image format: take them even from a stale manifest.
