@@ -9,8 +9,9 @@ SUDO=
 $SUDO apt-get update -q
 # qemu: the KVM lab and the peer in benchmarks; acpica-tools: iasl checks our ACPI tables;
 # e2fsprogs: mke2fs makes the default guest's rootfs.ext4.
+# liburing-dev: io_uring for the native virtio-blk data path (it falls back to threads without).
 $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-    python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev \
+    python3 python3-venv python3-dev gcc libc6-dev linux-libc-dev liburing-dev \
     qemu-system-x86 qemu-system-data seabios acpica-tools ca-certificates \
     cpio binutils dpkg e2fsprogs
 python3 -m venv .venv

@@ -1,11 +1,20 @@
-"""cffi build script for vmmkit._native: KVM structures, ioctl numbers and the vCPU exit decoder.
+"""cffi build script for vmmkit._native: KVM structures, ioctl numbers, the vCPU exit
+decoder, and the virtio-blk data path (virtio_blk.c).
 
 API mode: the C compiler reads <linux/kvm.h>, so struct layouts and ioctl
 numbers come from the kernel headers rather than being written out by hand.
 Run by setuptools at install time (``cffi_modules`` in setup.py).
+
+io_uring comes from liburing (Debian: liburing-dev). Without it (or with
+VMMKIT_NO_URING=1 in the environment) the module still builds, and the block
+data path falls back to its thread pool.
 """
 
 import os
+import shlex
+import subprocess
+import sys
+import tempfile
 
 from cffi import FFI
 
@@ -50,6 +59,32 @@ void vmm_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len);
 void vmm_set_immediate_exit(struct kvm_run *run, uint8_t value);
 void vmm_mb(void);
 int vmm_fallocate(int fd, int mode, int64_t offset, int64_t len);
+
+/* virtio_blk.c */
+struct vmm_region { uint64_t gpa; uint64_t size; uint8_t *host; uint8_t *dirty; uint64_t dirty_len; };
+struct vmm_mem { struct vmm_region *regions; uint32_t nregions; uint32_t *logging; };
+struct vmm_vq {
+    uint64_t desc_addr; uint64_t avail_addr; uint64_t used_addr; uint32_t size;
+    uint16_t next_avail; uint16_t next_used; uint16_t signalled_used; uint8_t event_idx; uint8_t indirect;
+};
+struct vmm_blk {
+    int fd; uint8_t read_only; uint8_t direct; uint64_t sectors; uint8_t serial[20];
+    uint8_t *bounce; uint64_t bounce_len;
+    uint64_t io_errors; int last_errno; uint64_t bounced; uint64_t requests; uint32_t max_batch;
+    uint32_t mem_align;
+};
+struct vmm_blk_io;
+int vmm_bitmap_set_range(uint8_t *bm, uint64_t len, uint64_t first, uint64_t last);
+void vmm_bitmap_take(uint8_t *bm, uint8_t *out, uint64_t len);
+struct vmm_blk_io *vmm_blk_io_new(int kind, uint32_t depth, uint32_t threads, int *err);
+int vmm_blk_io_kind(struct vmm_blk_io *io);
+void vmm_blk_io_free(struct vmm_blk_io *io);
+int vmm_have_uring(void);
+int vmm_blk_process(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                    char *err, size_t errlen);
+#define VMM_IO_SYNC ...
+#define VMM_IO_URING ...
+#define VMM_IO_THREADS ...
 """
 
 CONSTANTS = """
@@ -73,10 +108,45 @@ FALLOC_FL_KEEP_SIZE FALLOC_FL_PUNCH_HOLE FALLOC_FL_ZERO_RANGE
 
 SOURCE = "#define _GNU_SOURCE\n#include <fcntl.h>\n#include <errno.h>\n#include <linux/falloc.h>\n#include <linux/kvm.h>\n#ifndef KVM_MAX_CPUID_ENTRIES\n#define KVM_MAX_CPUID_ENTRIES 256\n#endif\n"
 
+
+
+def _have_liburing() -> bool:
+    """Whether liburing's header and library are there: compile and link a probe."""
+    if os.environ.get("VMMKIT_NO_URING"):
+        return False
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    probe = "#include <liburing.h>\nint main(void) { struct io_uring r; return io_uring_queue_init(1, &r, 0); }\n"
+    with tempfile.TemporaryDirectory() as d:
+        src = os.path.join(d, "probe.c")
+        with open(src, "w") as f:
+            f.write(probe)
+        try:
+            done = subprocess.run(cc + [src, "-o", os.path.join(d, "probe"), "-luring"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError:
+            return False
+    return done.returncode == 0
+
+
+def _read(name: str) -> str:
+    # #line keeps compiler messages pointing at the real file and line.
+    with open(os.path.join(HERE, name)) as f:
+        return f'#line 1 "{name}"\n' + f.read()
+
+
+HAVE_URING = _have_liburing()
+if not HAVE_URING:
+    print("vmmkit: liburing not found (apt-get install liburing-dev): building the block "
+          "data path without io_uring; it will use its thread pool", file=sys.stderr)
+
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF + "".join(f"#define {name} ...\n" for name in CONSTANTS))
-with open(os.path.join(HERE, "kvm_native.c")) as f:
-    ffibuilder.set_source("vmmkit._native", SOURCE + f.read(), extra_compile_args=["-O2"])
+# The last #line hands the rest (cffi's generated wrappers) back to _native.c.
+ffibuilder.set_source("vmmkit._native", SOURCE + _read("kvm_native.c") + "\n" + _read("virtio_blk.c")
+                      + '\n#line 1 "_native.c"\n',
+                      extra_compile_args=["-O2"],
+                      define_macros=[("VMM_HAVE_URING", "1")] if HAVE_URING else [],
+                      libraries=(["uring"] if HAVE_URING else []) + ["pthread"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=False)

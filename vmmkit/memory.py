@@ -29,6 +29,15 @@ The bitmap layout matches KVM's: bit ``i`` of the little-endian bitmap is
 page ``i`` of the region (byte ``i // 8``, bit ``i % 8``), and its length is
 rounded up to a whole number of 64-bit words, so the two can be ORed byte
 for byte.
+
+The bitmaps are shared with C: device data paths in ``native/`` set bits with
+the GIL released, while Python marks and takes them. So nobody does a plain
+read-modify-write on them: bits are set with atomic ORs
+(``vmm_bitmap_set_range``) and taken with atomic exchanges
+(``vmm_bitmap_take``), and a bit set concurrently with a take is either in the
+taken copy or still in the bitmap, never lost. The logging flag is shared too
+(``GuestMemory.log_flag``, a C ``uint32_t``), so C sees dirty logging start
+and stop while it runs.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ import tempfile
 import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
+from vmmkit._native import ffi as _ffi, lib as _lib
 from vmmkit.boot import layout
 from vmmkit.errors import VmmkitError
 
@@ -179,16 +189,26 @@ def _bitmap_len(npages: int) -> int:
     return ((npages + 63) // 64) * 8
 
 
-def _set_bits(bitmap: bytearray, first: int, last: int) -> None:
-    """Set bits ``first..last`` (inclusive) in a little-endian bitmap."""
-    fb, lb = first >> 3, last >> 3
-    if fb == lb:
-        bitmap[fb] |= ((0xFF << (first & 7)) & (0xFF >> (7 - (last & 7)))) & 0xFF
-        return
-    bitmap[fb] |= (0xFF << (first & 7)) & 0xFF
-    if lb > fb + 1:
-        bitmap[fb + 1:lb] = b"\xff" * (lb - fb - 1)
-    bitmap[lb] |= 0xFF >> (7 - (last & 7))
+def _set_bits(bitmap: Any, first: int, last: int) -> None:
+    """Set bits ``first..last`` (inclusive) in a little-endian bitmap, atomically.
+
+    ``bitmap`` is a bytearray or a cffi pointer from ``ffi.from_buffer`` of
+    one (regions keep theirs in ``Region.dirty_ptr``). Raises ``ValueError``
+    for bits outside it.
+    """
+    ptr = bitmap if isinstance(bitmap, _ffi.CData) else _ffi.from_buffer("uint8_t[]", bitmap)
+    if _lib.vmm_bitmap_set_range(ptr, len(ptr), first, last) < 0:
+        raise ValueError(f"dirty bits {first}..{last} are outside a bitmap of {len(ptr)} bytes")
+
+
+def _take_bits(ptr: Any, length: int, keep: bool = True) -> Optional[bytes]:
+    """Atomically move a bitmap's bits out (cleared behind); return them if ``keep``."""
+    if not keep:
+        _lib.vmm_bitmap_take(ptr, _ffi.NULL, length)
+        return None
+    out = bytearray(length)
+    _lib.vmm_bitmap_take(ptr, _ffi.from_buffer("uint8_t[]", out), length)
+    return bytes(out)
 
 
 def _check_range(gpa: Any, length: Any) -> int:
@@ -252,6 +272,10 @@ class Region:
         self.shared = shared
         self.npages = size >> PAGE_SHIFT
         self.dirty_bitmap = bytearray(_bitmap_len(self.npages))
+        # The bitmap's address for C (and for the atomic helpers). Holding the
+        # export also pins the bytearray: it can never be resized or moved
+        # under a device thread that writes bits through this pointer.
+        self.dirty_ptr = _ffi.from_buffer("uint8_t[]", self.dirty_bitmap)
         # One long-lived memoryview: slicing it for view() is cheaper than
         # building a new memoryview of the mmap for every request.
         self._mv: Optional[memoryview] = memoryview(mm)
@@ -395,8 +419,11 @@ class GuestMemory:
         # so this turns the lookup into two comparisons.
         self._last: Optional[Region] = None
         self._lock = threading.Lock()        # region table changes
-        self._dirty_lock = threading.Lock()  # bitmap read-modify-write vs take
+        self._dirty_lock = threading.Lock()  # start_dirty_log vs take_dirty_pages
         self._logging = False
+        #: The logging flag as C reads it (``struct vmm_mem.logging`` points here):
+        #: 1 while dirty logging is on. Kept equal to ``dirty_logging``.
+        self.log_flag = _ffi.new("uint32_t *")
         self._backing_offset = 0
 
     # -- construction --
@@ -623,9 +650,12 @@ class GuestMemory:
             self._mark(r, off, length)
 
     def _mark(self, r: Region, off: int, length: int) -> None:
-        """Set the dirty bits for region-relative ``[off, off + length)``."""
-        with self._dirty_lock:
-            _set_bits(r.dirty_bitmap, off >> PAGE_SHIFT, (off + length - 1) >> PAGE_SHIFT)
+        """Set the dirty bits for region-relative ``[off, off + length)``.
+
+        Atomic ORs, no lock: C device threads set bits in the same bitmaps.
+        """
+        _lib.vmm_bitmap_set_range(r.dirty_ptr, len(r.dirty_bitmap), off >> PAGE_SHIFT,
+                                  (off + length - 1) >> PAGE_SHIFT)
 
     def read_u8(self, gpa: int) -> int:
         """Read an 8-bit value."""
@@ -689,8 +719,9 @@ class GuestMemory:
         """
         with self._dirty_lock:
             for r in self._table[1]:
-                r.dirty_bitmap[:] = bytes(len(r.dirty_bitmap))
+                _take_bits(r.dirty_ptr, len(r.dirty_bitmap), keep=False)
             self._logging = True
+            self.log_flag[0] = 1
         if vm is not None:
             self.register(vm)
 
@@ -700,16 +731,20 @@ class GuestMemory:
         With ``vm``, also re-register every slot without the log flag.
         """
         self._logging = False
+        self.log_flag[0] = 0
         if vm is not None:
             self.register(vm)
 
     def take_dirty_pages(self) -> Dict[int, bytes]:
-        """Return and clear the VMM-side bitmaps: ``{region_gpa: bitmap}``."""
+        """Return and clear the VMM-side bitmaps: ``{region_gpa: bitmap}``.
+
+        Each byte is exchanged atomically, so bits that writers (Python or
+        C) set meanwhile are in this result or in the next one.
+        """
         out: Dict[int, bytes] = {}
         with self._dirty_lock:
             for r in self._table[1]:
-                out[r.gpa] = bytes(r.dirty_bitmap)
-                r.dirty_bitmap[:] = bytes(len(r.dirty_bitmap))
+                out[r.gpa] = _take_bits(r.dirty_ptr, len(r.dirty_bitmap))  # type: ignore[assignment]
         return out
 
     def kvm_dirty_log(self, vm: Any) -> Dict[int, bytes]:

@@ -6,9 +6,17 @@
     read_only = false
     serial = "data0"       # answered to VIRTIO_BLK_T_GET_ID (at most 20 bytes)
     cache = "writeback"    # or "none" (O_DIRECT)
+    engine = "native"      # or "python": a debugging/reference switch, see below
 
 Disks appear in the guest as /dev/vda, /dev/vdb, ... in the order of the
 ``[[device]]`` tables.
+
+``engine`` selects the data path. ``"native"`` (the default) serves requests
+in C with the GIL released, many in flight at once through io_uring (or a
+small pool of I/O threads where the kernel refuses io_uring). ``"python"``
+serves them one by one in Python: the reference implementation the C path
+is tested against, for debugging a guest's requests or the device itself.
+Both give the guest the same answers; only speed differs.
 """
 
 from __future__ import annotations
@@ -38,13 +46,14 @@ class BlkSpec:
     read_only: bool = False
     serial: str = attrs.field(default="", validator=_serial_fits)
     cache: Literal["writeback", "none"] = "writeback"
+    engine: Literal["native", "python"] = "native"
 
 
 def create(vm, device_spec):
     """Open the image and put a virtio-blk device on the VM's virtio-MMIO bus."""
     opts = device_spec.options
     disk = Disk(opts.path, read_only=opts.read_only, cache=opts.cache)
-    device = VirtioBlk(device_spec.id, disk, serial=opts.serial)
+    device = VirtioBlk(device_spec.id, disk, serial=opts.serial, engine=opts.engine)
     vm.add_virtio_device(device)
     return device
 

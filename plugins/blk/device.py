@@ -1,4 +1,4 @@
-"""virtio-blk (virtio 1.x, 5.2): the request protocol over one queue, in Python.
+"""virtio-blk (virtio 1.x, 5.2): the request protocol over one queue.
 
 Every request is checked before the disk is touched: the header must be
 readable and whole, the status byte writable, data lengths whole sectors,
@@ -6,18 +6,27 @@ sector ranges inside the disk, discard segments well-formed. A bad request
 gets VIRTIO_BLK_S_IOERR or S_UNSUPP in its status byte; a chain with no
 room for a status byte at all breaks the protocol and the device asks for a
 reset. A host I/O error is the guest's IOERR, never a VMM failure.
+
+Two engines serve the queue. ``native`` (the default) runs the whole data
+path in C with the GIL released and many requests in flight
+(:mod:`.native`, ``native/virtio_blk.c``). ``python`` is
+:meth:`VirtioBlk.handle_chain` below: the readable reference the C path is
+tested against, and a debugging switch. Both answer every request alike.
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+import threading
 
+from vmmkit.memory import GuestMemory
 from vmmkit.virtio import VirtioDevice
 from vmmkit.virtio.constants import ID_BLOCK
 from vmmkit.virtio.queue import DescriptorChain, QueueError
 
 from .disk import SECTOR, Disk
+from .native import NativeBlk
 
 log = logging.getLogger("vmmkit.blk")
 
@@ -51,6 +60,9 @@ _HEADER = struct.Struct("<IIQ")
 _SEGMENT = struct.Struct("<QII")
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
 
+#: The data path engines (see the module docstring).
+ENGINES = ("native", "python")
+
 
 class BlkError(Exception):
     """A request the device answers with an error status."""
@@ -61,16 +73,77 @@ class BlkError(Exception):
 
 
 class VirtioBlk(VirtioDevice):
-    """A virtio block device backed by a :class:`~plugins.blk.disk.Disk`."""
+    """A virtio block device backed by a :class:`~plugins.blk.disk.Disk`.
+
+    ``engine`` picks the data path: ``"native"`` (C, the default) or
+    ``"python"`` (the reference). ``native_io`` picks the native engine's
+    I/O executor (:data:`.native.IO_MODES`; ``"auto"`` is io_uring, else a
+    thread pool). ``io_errors`` counts host I/O errors answered with IOERR.
+    """
 
     device_id = ID_BLOCK
     queue_sizes = (QUEUE_SIZE,)
 
-    def __init__(self, name: str, disk: Disk, serial: str = ""):
+    def __init__(self, name: str, disk: Disk, serial: str = "", *, engine: str = "native",
+                 native_io: str = "auto"):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown virtio-blk engine {engine!r}; expected one of {', '.join(ENGINES)}")
         super().__init__(name)
         self.disk = disk
         self.serial = serial.encode()[:ID_BYTES]
         self.io_errors = 0
+        self.engine = engine
+        self._native_io = native_io
+        self.native = self._new_native() if engine == "native" else None
+        self._native_active = False
+
+    def _new_native(self) -> NativeBlk:
+        return NativeBlk(self.disk, self.serial, io=self._native_io, on_io_errors=self._host_io_errors)
+
+    def _host_io_errors(self, count: int, why: str) -> None:
+        """Count host I/O errors the guest saw as IOERR; log the first few."""
+        before = self.io_errors
+        self.io_errors += count
+        if before < 5:
+            log.warning("vmmkit: %s: host I/O error on %s: %s (the guest sees an I/O error)",
+                        self.name, self.disk.path, why)
+
+    # ----- lifecycle: the native engine's executor lives from activate to reset -----
+    def activate(self, ctx) -> None:
+        """Set up the native engine's I/O (if it is used), then start serving."""
+        self._native_active = False
+        if self.native is not None:
+            if isinstance(ctx.memory, GuestMemory):
+                self.native.open(depth=max([q.size for q in ctx.queues if q.ready] or [QUEUE_SIZE]))
+                self._native_active = True
+            else:
+                log.warning("vmmkit: %s: guest memory is a %s, not a GuestMemory: using the Python engine",
+                            self.name, type(ctx.memory).__name__)
+        super().activate(ctx)
+
+    def reset(self) -> None:
+        """Stop serving; free the native engine's executor once its thread is gone."""
+        worker = self._thread
+        super().reset()
+        self._native_active = False
+        if self.native is not None:
+            if worker is not None and worker.is_alive() and worker is not threading.current_thread():
+                # Still inside C after the join timed out: its executor and
+                # memory pins must outlive it, so they are never freed.
+                log.error("vmmkit: %s: the device thread did not stop; abandoning its I/O executor", self.name)
+                self.native.abandon()
+                self.native = self._new_native()
+            else:
+                self.native.close()
+
+    def process_queue(self, index: int) -> None:
+        """Serve queue *index*: in C for the native engine, else chain by chain in Python."""
+        if not self._native_active:
+            super().process_queue(index)
+            return
+        ctx = self.ctx
+        if self.native.process(ctx.memory, ctx.queues[index]):
+            ctx.signal_used()
 
     def device_features(self) -> int:
         """Sector-size, segment-limit and flush always; discard and zeroing unless read-only."""
@@ -103,10 +176,7 @@ class VirtioBlk(VirtioDevice):
             log.debug("%s: request at head %d: %s", self.name, chain.head, exc)
             written, status = 0, exc.status
         except OSError as exc:
-            self.io_errors += 1
-            if self.io_errors <= 5:
-                log.warning("vmmkit: %s: host I/O error on %s: %s (the guest sees an I/O error)",
-                            self.name, self.disk.path, exc.strerror or exc)
+            self._host_io_errors(1, exc.strerror or str(exc))
             written, status = 0, S_IOERR
         chain.write(memory, data_in, bytes([status]))
         return written + 1
@@ -172,6 +242,6 @@ class VirtioBlk(VirtioDevice):
                 self.disk.write_zeroes(sector * SECTOR, count * SECTOR, bool(flags & WRITE_ZEROES_F_UNMAP))
 
     def close(self) -> None:
-        """Stop and close the image."""
-        super().reset()
+        """Stop (freeing the native engine's executor) and close the image."""
+        self.reset()
         self.disk.close()

@@ -33,12 +33,13 @@ def blk(path, **options):
     return "\n".join(lines) + "\n"
 
 
-def test_guest_writes_reach_the_host_and_host_data_reaches_the_guest(vmmkit_run, tmp_path):
+@pytest.mark.parametrize("engine", ["native", "python"])
+def test_guest_writes_reach_the_host_and_host_data_reaches_the_guest(vmmkit_run, tmp_path, engine):
     host_data = os.urandom(4 * MiB)
     disk = image(tmp_path, fill=bytes(16 * MiB) + host_data)
     # The guest writes 8 MiB of a pattern the host can recompute, then reads back
     # what the host put at 16 MiB; direct I/O so the guest's page cache cannot answer.
-    proc = vmmkit_run.exec(blk(disk), "cat /sys/block/vda/size; "
+    proc = vmmkit_run.exec(blk(disk, engine=engine), "cat /sys/block/vda/size; "
                        "yes vmmkit-pattern | head -c 8388608 | dd of=/dev/vda bs=1M oflag=direct 2>/dev/null; "
                        "dd if=/dev/vda bs=1M skip=16 count=4 iflag=direct 2>/dev/null | sha256sum")
     assert proc.returncode == 0, proc.stderr.decode()

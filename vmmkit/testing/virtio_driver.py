@@ -279,6 +279,17 @@ class SplitQueueDriver:
         self.publish(head)
         return head
 
+    def take_free(self, count: int) -> List[int]:
+        """Hostile tool: reserve ``count`` free descriptor slots for :meth:`add_raw`.
+
+        The slots leave the free list for good, so raw descriptors written
+        there never clobber a chain that :meth:`add_chain` has in flight.
+        Raises :class:`QueueFullError` when fewer are free.
+        """
+        if count > len(self._free):
+            raise QueueFullError(f"{count} free descriptors wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(count)]
+
     def set_avail_idx(self, value: int) -> None:
         """Raw write of ``avail.idx`` (e.g. an absurd jump); it becomes the driver's shadow too."""
         self._avail_idx = value & 0xFFFF
