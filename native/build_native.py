@@ -58,6 +58,7 @@ int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out);
 void vmm_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len);
 void vmm_set_immediate_exit(struct kvm_run *run, uint8_t value);
 void vmm_mb(void);
+int vmm_set_thread_name(const char *name);
 int vmm_fallocate(int fd, int mode, int64_t offset, int64_t len);
 
 /* virtio_blk.c */

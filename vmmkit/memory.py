@@ -43,14 +43,12 @@ and stop while it runs.
 from __future__ import annotations
 
 import bisect
-import ctypes
 import errno
 import logging
 import mmap
 import os
 import stat
 import struct
-import tempfile
 import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -175,13 +173,13 @@ def _host_memory_error(size: int, what: str, exc: OSError) -> HostMemoryError:
 
 def _buffer_address(buf: Any) -> int:
     """Return the host virtual address of a writable buffer (an mmap)."""
-    # ctypes.from_buffer exports the buffer; dropping the ctypes object right
-    # away releases that export again, so the mmap can still be closed later.
-    c = ctypes.c_char.from_buffer(buf)
+    # from_buffer exports the buffer; releasing the cdata right away ends that
+    # export again, so the mmap can still be closed later.
+    p = _ffi.from_buffer(buf, require_writable=True)
     try:
-        return ctypes.addressof(c)
+        return int(_ffi.cast("uintptr_t", p))
     finally:
-        del c
+        _ffi.release(p)
 
 
 def _bitmap_len(npages: int) -> int:
@@ -386,6 +384,8 @@ def _unlinked_file_in(directory: str) -> int:
             # hugetlbfs and some others do not support O_TMPFILE.
             if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
                 raise
+    import tempfile  # only for file-backed memory
+
     fd, name = tempfile.mkstemp(prefix="vmmkit-guest-", dir=directory)
     os.unlink(name)
     return fd

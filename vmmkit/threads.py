@@ -26,8 +26,6 @@ and re-raised by :meth:`VmmThread.join_checked`.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -46,13 +44,11 @@ ROLES = frozenset({ROLE_VCPU, ROLE_DEVICE, ROLE_API, ROLE_MAIN})
 
 StartCallback = Callable[[str, str], Any]
 
-_PR_SET_NAME = 15
 _TASK_COMM_LEN = 16  # including the NUL
 
 _callbacks: List[StartCallback] = []
 _registry: Dict[threading.Thread, Tuple[str, str]] = {}
 _lock = threading.Lock()
-_libc: Any = None
 
 
 class ThreadStartError(VmmkitError):
@@ -82,15 +78,13 @@ def set_os_thread_name(name: str) -> bool:
     False if it could not be set (non-Linux, no libc): names are a
     diagnostic aid, never worth failing a thread over.
     """
-    global _libc
     raw = name.encode("utf-8", "replace")[:_TASK_COMM_LEN - 1]
     raw = raw.decode("utf-8", "ignore").encode("utf-8")
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-        return _libc.prctl(_PR_SET_NAME, ctypes.c_char_p(raw), 0, 0, 0) == 0
-    except (OSError, AttributeError):
+        from ._native import lib
+    except ImportError:
         return False
+    return lib.vmm_set_thread_name(raw) == 0
 
 
 class VmmThread(threading.Thread):
