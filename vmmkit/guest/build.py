@@ -26,8 +26,10 @@ GUEST_MODULES = [
     "virtio", "virtio_ring", "virtio_mmio", "virtio_blk", "virtio_mem", "virtio-rng",
     "fuse", "virtiofs", "vsock", "vmw_vsock_virtio_transport", "vmw_vsock_virtio_transport_common",
     "ext4", "crc32c_generic",
+    # The ACPI power button (vmmkit ctl shutdown) as an input device, for busybox acpid.
+    "button", "evdev",
 ]
-FORMAT = 5  # bump when the image layout or /init changes, so caches rebuild
+FORMAT = 6  # bump when the image layout or /init changes, so caches rebuild
 
 EXEC_PARAM = "vmmkit.exec"
 # Only in the initramfs, not in rootfs.ext4: tells /init where it runs.
@@ -83,6 +85,9 @@ if [ -e @INITRAMFS_MARKER@ ]; then
 fi
 hostname vmmkit
 ip link set lo up 2>/dev/null
+# The ACPI power button (graceful shutdown: vmmkit ctl shutdown) reaches
+# busybox acpid as KEY_POWER, which runs @POWER_HANDLER@.
+[ -e /dev/input/event0 ] && acpid -l /tmp/acpid.log -p /tmp/acpid.pid
 cd /root
 cmd=
 for arg in $(cat /proc/cmdline); do
@@ -115,10 +120,24 @@ poweroff -f
 """
 
 
+# What an init does at shutdown: TERM to every process, then power off. PID 1
+# is /init: in a console session it powers off on USR2 (below); with --exec
+# the command ends on the TERM and /init reports its status and powers off.
+POWER_HANDLER = "etc/acpi/PWRF/00000080"
+POWER_HANDLER_SCRIPT = b"""#!/bin/sh
+# vmmkit default guest: the ACPI power button was pressed (run by busybox acpid).
+echo "<5>vmmkit guest: power button pressed: shutting down" >/dev/kmsg
+kill -TERM -1
+sleep 0.2
+kill -USR2 1
+"""
+
+
 def init_script() -> bytes:
     """The default guest's /init, with vmmkit's constants filled in."""
     text = (INIT.replace("@EXEC_PARAM@", EXEC_PARAM)
             .replace("@INITRAMFS_MARKER@", "/" + INITRAMFS_MARKER)
+            .replace("@POWER_HANDLER@", "/" + POWER_HANDLER)
             .replace("@START_MARKER@", START_MARKER.replace("\x1b", "\\033").replace("\n", "\\n"))
             .replace("@EXIT_MARKER@", EXIT_MARKER.replace("\x1b", "\\033")))
     return text.encode()
@@ -143,9 +162,17 @@ class GuestFiles:
         return attrs.asdict(self)
 
 
+#: Names a variant of the default guest with its own directory (``guest-<name>``),
+#: so that heavy extras (fio for the benchmarks) stay out of the guest everyone boots.
+VARIANT_ENV = "VMMKIT_GUEST"
+
+
 def guest_dir() -> str:
-    """Directory of the default guest in the cache."""
-    return os.path.join(paths.cache_dir(), "guest")
+    """Directory of the default guest in the cache (of the variant $VMMKIT_GUEST names, if set)."""
+    variant = os.environ.get(VARIANT_ENV, "")
+    if variant and not all(c.isalnum() or c in "-_" for c in variant):
+        raise ValueError(f"${VARIANT_ENV}={variant!r}: a guest variant name is letters, digits, - and _")
+    return os.path.join(paths.cache_dir(), f"guest-{variant}" if variant else "guest")
 
 
 def _manifest_path() -> str:
@@ -227,8 +254,9 @@ def _build_locked(extras, *, progress, force: bool, reset: bool) -> GuestFiles:
     progress(f"building the default guest: {kernel_pkg} {kernel_version}, busybox"
              + (f", {', '.join(wanted)}" if wanted else ""))
     marker = (INITRAMFS_MARKER, b"the default guest's initramfs (not in rootfs.ext4)\n", 0o644)
+    handler = (POWER_HANDLER, POWER_HANDLER_SCRIPT, 0o755)
     release = build_machine(guest_dir(), kernel_pkg, BUSYBOX, GUEST_MODULES, init_script(), wanted, progress,
-                            files=[marker])
+                            files=[marker, handler])
     rootfs_started = time.monotonic()
     progress(f"making {ROOTFS} from the initramfs")
     size = rootfs_from_cpio(os.path.join(guest_dir(), "initramfs.cpio"), os.path.join(guest_dir(), ROOTFS),

@@ -2,9 +2,10 @@
 
 It loads the modules, mounts the host's root read-only over virtio-9p with a
 tmpfs overlay on top (so everything looks writable and nothing reaches the
-host), mounts the writable shares at their host paths, and runs the caller's
-script in a chroot with stdout on ttyS0 and stderr on ttyS1. The exit status
-goes to the run directory, which is itself a writable share.
+host), mounts the writable shares at their host paths and the scratch disk
+(if any) at /scratch, and runs the caller's script in a chroot with stdout on
+ttyS0 and stderr on ttyS1. The exit status goes to the run directory, which is
+itself a writable share.
 """
 
 START_MARKER = "\x1b[vmmkit-lab-start]"
@@ -41,6 +42,17 @@ mount -t tmpfs -o mode=0755 tmpfs $r/run
 while read -r tag path; do
   mkdir -p "$r$path" && mount -t 9p -o $opts "$tag" "$r$path" || fail "cannot mount share $tag at $path"
 done < "/mnt/lower$run/shares"
+# The scratch disk (vmmkit lab --scratch): "device mountpoint" in the run directory.
+if [ -e "/mnt/lower$run/scratch" ]; then
+  read -r dev mnt < "/mnt/lower$run/scratch"
+  i=0
+  while [ ! -b "$dev" ]; do
+    [ "$i" -lt 300 ] || fail "the scratch disk $dev did not appear"
+    sleep 0.1
+    i=$((i + 1))
+  done
+  mkdir -p "$r$mnt" && mount -t ext4 "$dev" "$r$mnt" || fail "cannot mount the scratch disk $dev at $mnt"
+fi
 stty -F /dev/ttyS0 raw -echo
 stty -F /dev/ttyS1 raw -echo
 printf '@START_MARKER@'

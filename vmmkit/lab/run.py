@@ -4,7 +4,9 @@ The command runs as the caller would run it on the host: same root
 filesystem (read-only over 9p, writable through a tmpfs overlay), same working
 directory, same environment. Its stdout and stderr stream back live over two
 serial ports; host directories named with ``--share`` are writable inside, so
-files can come back.
+files can come back. ``--scratch SIZE`` adds a fresh ext4 disk mounted at
+/scratch: a real, writable filesystem (the overlay's tmpfs refuses O_DIRECT),
+made as a sparse file in the run directory and deleted with it.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import tempfile
 import threading
 
 from ..errors import VmmkitError
+from ..guest.rootfs import find_tool
 from .build import ensure_lab
 from ..markers import MarkerStream
 from .init import END_MARKER, RUN_PARAM, START_MARKER
@@ -26,6 +29,13 @@ from .init import END_MARKER, RUN_PARAM, START_MARKER
 LAB_FAILED = 125  # our exit status when the lab itself failed, as docker uses for its own errors
 _NOISE = ("TCG doesn't support requested feature",)
 _SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_"}
+SCRATCH_MOUNT = "/scratch"
+SCRATCH_DEVICE = "/dev/vda"  # the lab's only virtio-blk disk
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Host-side cache and aio modes for the scratch disk, best first: O_DIRECT with
+# io_uring; thread-pool aio where io_uring is refused (seccomp, old kernel, a
+# QEMU built without it); the page cache where the host file refuses O_DIRECT.
+DRIVE_MODES = (("none", "io_uring"), ("none", "threads"), ("writeback", "threads"))
 
 
 class LabError(VmmkitError):
@@ -58,6 +68,64 @@ def write_script(path: str, argv: list[str], cwd: str, env: dict[str, str]) -> N
         f.write("\n".join(lines) + "\n")
 
 
+def parse_size(text: str | int) -> int:
+    """Bytes in a size such as ``256M``, ``4G``, ``1.5G`` or ``1048576`` (binary units; K, M, G, T)."""
+    if isinstance(text, int):
+        return text
+    t = text.strip().upper()
+    for suffix in ("IB", "B"):
+        if t.endswith(suffix) and len(t) > len(suffix) and t[-len(suffix) - 1] in "KMGT":
+            t = t[:-len(suffix)]
+            break
+    unit = t[-1:] if t[-1:] in _SIZE_UNITS else ""
+    try:
+        return int(float(t[:len(t) - len(unit)]) * _SIZE_UNITS[unit])
+    except (ValueError, OverflowError):
+        raise LabError(f"bad size {text!r}: give e.g. 256M or 4G") from None
+
+
+def make_scratch(path: str, size: int) -> None:
+    """Make *path* a sparse file of *size* bytes holding an empty ext4 filesystem."""
+    if size < 16 << 20:
+        raise LabError(f"--scratch: {size} bytes is too small for an ext4 disk (give at least 16M)")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    # The root directory belongs to the caller, as a directory they made would.
+    proc = subprocess.run([find_tool("mkfs.ext4"), "-F", "-q", "-b", "4096", "-L", "vmmkit-scratch",
+                           "-E", f"root_owner={os.getuid()}:{os.getgid()}", path],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise LabError(f"mkfs.ext4 of the scratch disk failed: {proc.stdout.strip()}")
+
+
+def qemu_escape(value: str) -> str:
+    """*value* as one QEMU option value: commas doubled."""
+    return value.replace(",", ",,")
+
+
+def drive_works(qemu: str, drive: str) -> bool:
+    """Whether this QEMU opens the ``-drive`` *drive* here (probed with a machine that runs nothing)."""
+    try:
+        proc = subprocess.run([qemu, "-machine", "none", "-nodefaults", "-display", "none", "-S",
+                               "-monitor", "stdio", "-drive", drive],
+                              input=b"quit\n", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0
+
+
+def drive_options(qemu: str, path: str, modes=DRIVE_MODES) -> tuple[str, str]:
+    """The first (cache, aio) of *modes* that QEMU accepts here for a raw -drive on *path*.
+
+    By default: cache=none,aio=io_uring if it works, else the next best.
+    """
+    for cache, aio in modes:
+        if drive_works(qemu, f"file={qemu_escape(path)},if=none,id=probe,format=raw,cache={cache},aio={aio}"):
+            return cache, aio
+    raise LabError(f"QEMU cannot open {path} as a disk (tried cache/aio: "
+                   + ", ".join(f"{c}/{a}" for c, a in modes) + ")")
+
+
 def _pump(src, sink) -> None:
     while True:
         try:
@@ -71,10 +139,12 @@ def _pump(src, sink) -> None:
 
 def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", cpus: int = 2,
                timeout: float | None = None, cwd: str | None = None, env: dict | None = None,
-               stdout=None, stderr=None, progress=None) -> int:
+               stdout=None, stderr=None, progress=None, scratch: str | int | None = None) -> int:
     """Run *argv* in the lab; return its exit status (LAB_FAILED when the lab broke).
 
     *shares* are host directories made writable inside the lab at the same path.
+    *scratch* (a size: bytes, or text such as ``"4G"``) attaches a fresh ext4
+    disk mounted at /scratch inside; it is deleted afterwards.
     """
     if not argv:
         raise LabError("nothing to run: give a command after '--', e.g. vmmkit lab -- uname -a")
@@ -85,6 +155,7 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
     for share in shares:
         if not os.path.isdir(share):
             raise LabError(f"--share {share}: not a directory")
+    scratch_size = parse_size(scratch) if scratch is not None else None
     lab = ensure_lab(progress)
     cwd = os.path.abspath(cwd or os.getcwd())
     rundir = tempfile.mkdtemp(prefix="vmmkit-lab-")
@@ -93,6 +164,17 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
         share_lines = [f"run {rundir}"] + [f"share{i} {os.path.abspath(s)}" for i, s in enumerate(shares)]
         with open(os.path.join(rundir, "shares"), "w") as f:
             f.write("\n".join(share_lines) + "\n")
+        drives = []
+        if scratch_size is not None:
+            image = os.path.join(rundir, "scratch.img")
+            make_scratch(image, scratch_size)
+            cache, aio = drive_options(qemu, image)
+            if (cache, aio) != DRIVE_MODES[0]:
+                progress(f"scratch disk: QEMU refused cache=none,aio=io_uring here; using cache={cache},aio={aio}")
+            drives = ["-drive", f"file={qemu_escape(image)},if=none,id=scratch,format=raw,cache={cache},aio={aio}",
+                      "-device", "virtio-blk-pci,drive=scratch"]
+            with open(os.path.join(rundir, "scratch"), "w") as f:
+                f.write(f"{SCRATCH_DEVICE} {SCRATCH_MOUNT}\n")
         errfifo = os.path.join(rundir, "stderr.fifo")
         os.mkfifo(errfifo)
         args = [
@@ -107,6 +189,7 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
         for line in share_lines:
             tag, path = line.split(" ", 1)
             args += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"]
+        args += drives
         # A reader and a spare writer on the fifo: reads block (not EOF) until
         # QEMU opens it, and end once both writers are gone.
         err_r = os.open(errfifo, os.O_RDONLY | os.O_NONBLOCK)

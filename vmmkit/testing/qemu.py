@@ -16,9 +16,8 @@ import attrs
 
 from ..guest import build
 from ..guest.execcmd import exec_param, exec_stream
+from ..lab.run import drive_options, qemu_escape
 from ..vm import BASE_CMDLINE, EXEC_CMDLINE
-
-
 
 @attrs.frozen
 class ExecResult:
@@ -31,20 +30,45 @@ class ExecResult:
     vmm_returncode: int
 
 
+def qemu_binary() -> str:
+    """qemu-system-x86_64's path (the bare name when it is not on PATH, so the error comes from exec)."""
+    return shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+
+
+def disk_aio(path: str, cache: str = "none") -> str:
+    """The best ``aio=`` QEMU accepts here for a -drive on *path* with *cache*: io_uring, else threads."""
+    modes = [(cache, "io_uring"), (cache, "threads")]
+    return drive_options(qemu_binary(), path, modes=modes)[1]
+
+
+def disk_args(path: str, *, cache: str = "none", aio: str | None = None, drive_id: str = "d0",
+              read_only: bool = False) -> list[str]:
+    """QEMU arguments for a raw image *path* as a virtio-blk disk on microvm's virtio-mmio bus.
+
+    *aio* defaults to what `disk_aio` finds works here.
+    """
+    aio = aio or disk_aio(path, cache)
+    drive = f"id={drive_id},file={qemu_escape(path)},format=raw,if=none,cache={cache},aio={aio}"
+    if read_only:
+        drive += ",readonly=on"
+    return ["-drive", drive, "-device", f"virtio-blk-device,drive={drive_id}"]
+
+
 def qemu_command(command: str, *, vcpus: int = 1, memory: str = "512M", kernel: str | None = None,
-                 initrd: str | None = None, extra_cmdline: str = "") -> list[str]:
+                 initrd: str | None = None, extra_cmdline: str = "", extra_args: list[str] = ()) -> list[str]:
     """The qemu-system-x86_64 command line for microvm with the default guest and *command*.
 
     The kernel gets exactly the arguments vmmkit gives it for --exec, so both
-    VMMs boot the guest the same way.
+    VMMs boot the guest the same way. *extra_args* (devices such as
+    `disk_args`) go at the end.
     """
     files = build.show()
-    qemu = shutil.which("qemu-system-x86_64") or "qemu-system-x86_64"
+    qemu = qemu_binary()
     cmdline = " ".join(p for p in (BASE_CMDLINE, EXEC_CMDLINE, extra_cmdline, exec_param(command)) if p)
     return [qemu, "-M", "microvm,acpi=on", "-enable-kvm", "-cpu", "host", "-smp", str(vcpus), "-m", memory,
             "-nodefaults", "-no-user-config", "-no-reboot", "-display", "none", "-monitor", "none",
             "-serial", "stdio", "-kernel", kernel or files.kernel, "-initrd", initrd or files.initrd,
-            "-append", cmdline]
+            "-append", cmdline, *extra_args]
 
 
 def run_qemu_exec(command: str, *, timeout: float = 300, **kw) -> ExecResult:

@@ -1,0 +1,277 @@
+"""Block I/O benchmark: vmmkit's virtio-blk against QEMU microvm's, same guest, one run, one table.
+
+    .venv/bin/python benchmarks/blk.py [--rounds 2] [--runtime 8] [--engine native]
+
+On the host it first builds the "bench" variant of the default guest with fio
+(VMMKIT_GUEST=bench, `vmmkit guest build --with fio`: once, cached; fio makes
+its initramfs about 90 MB bigger, which is why the guest everyone boots does
+not carry it). Where the
+host's KVM cannot boot a stock kernel it then runs itself inside the KVM lab
+with a scratch disk (`vmmkit lab --scratch`); where KVM is real, or inside the
+lab, it runs in place (--lab changes that). There it fills a raw image with
+data (not sparse: reads hit real blocks) on a real filesystem (the image has
+to take O_DIRECT), then, for N rounds, boots the default guest (1 vCPU, 512M) under vmmkit and under QEMU
+(alternating which goes first) with the image as /dev/vda, both with host
+O_DIRECT (vmmkit: ``cache = "none"``; QEMU: ``cache=none,aio=io_uring``, or
+aio=threads where io_uring is refused), and runs fio in the guest on /dev/vda:
+direct=1, libaio, iodepth=32, four jobs one after the other (sequential 1 MiB
+read and write, random 4 KiB read and write), each for --runtime seconds.
+Finally fio runs on the image file itself, where the VMMs run: the limit.
+
+It prints medians over the rounds: MB/s (10^6 bytes) for sequential jobs, IOPS
+for random ones, with the ratios vmmkit/QEMU and vmmkit/limit. Absolute
+numbers inside the lab mean little (everything is emulated); the ratios from
+one run are what to compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from vmmkit.guest import build
+from vmmkit.guest.cpio import read_cpio
+from vmmkit.hostkvm import in_lab, kvm_status
+from vmmkit.testing.qemu import disk_aio, disk_args, run_qemu_exec
+
+GOAL = "goal: >= 1.2x QEMU on every row, >= 0.8x the lab on sequential rows"
+# (fio job name, label, fio options, metric): metric is "MB/s" or "IOPS".
+JOBS = (
+    ("seqread", "seq read 1M", "--rw=read --bs=1M", "MB/s"),
+    ("seqwrite", "seq write 1M", "--rw=write --bs=1M", "MB/s"),
+    ("randread", "rand read 4K", "--rw=randread --bs=4k", "IOPS"),
+    ("randwrite", "rand write 4K", "--rw=randwrite --bs=4k", "IOPS"),
+)
+# Fields of fio's terse (--minimal, version 3) lines, 1-based as `cut` counts:
+# job name, error, read KiB/s, read IOPS, write KiB/s, write IOPS.
+TERSE_FIELDS = (3, 5, 7, 8, 48, 49)
+GUEST_DISK = "/dev/vda"
+MiB = 1 << 20
+
+
+def fio_args(filename: str, runtime: int) -> list[str]:
+    """fio's arguments for the four jobs, run one after the other (stonewall) on *filename*."""
+    args = ["--minimal", "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--runtime={runtime}",
+            "--time_based=1", "--norandommap=1", "--randrepeat=0", f"--filename={filename}"]
+    for i, (name, _label, opts, _metric) in enumerate(JOBS):
+        args += [f"--name={name}"] + (["--stonewall"] if i else []) + opts.split()
+    return args
+
+
+def guest_command(runtime: int) -> str:
+    """The guest's shell command: wait for the disk, run fio, print only the fields we use.
+
+    The console is slow (in the lab especially), so the guest cuts fio's
+    ~700-byte lines down to the six fields first.
+    """
+    fields = ",".join(map(str, TERSE_FIELDS))
+    return (f"i=0; while [ ! -b {GUEST_DISK} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
+            f"set -o pipefail; fio {' '.join(fio_args(GUEST_DISK, runtime))} | cut -d';' -f{fields}")
+
+
+def parse(text: str, *, cut: bool) -> dict[str, float]:
+    """{job: MB/s or IOPS} from fio's terse lines (already *cut* to TERSE_FIELDS, or whole)."""
+    out = {}
+    names = {j[0]: j for j in JOBS}
+    for line in text.splitlines():
+        f = line.strip().split(";")
+        if not cut:
+            if len(f) < max(TERSE_FIELDS):
+                continue
+            f = [f[i - 1] for i in TERSE_FIELDS]
+        if len(f) != len(TERSE_FIELDS) or f[0] not in names:
+            continue
+        name, error, rbw, riops, wbw, wiops = f
+        if error != "0":
+            raise RuntimeError(f"fio job {name} failed with error {error}")
+        is_read = "read" in name
+        if names[name][3] == "MB/s":
+            out[name] = float(rbw if is_read else wbw) * 1024 / 1e6
+        else:
+            out[name] = float(riops if is_read else wiops)
+    missing = [j[0] for j in JOBS if j[0] not in out]
+    if missing:
+        raise RuntimeError(f"fio gave no result for {', '.join(missing)}; its output:\n{text[-3000:]}")
+    return out
+
+
+def fill_image(path: str, size: int) -> None:
+    """Write *size* bytes of non-zero data to *path* and make them durable, so every block is allocated."""
+    block = os.urandom(MiB)
+    with open(path, "wb") as f:
+        for i in range(size // MiB):
+            # Vary each MiB a little so nothing below could share blocks.
+            f.write(i.to_bytes(8, "little") + block[8:])
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def fio_from_guest(dest: str) -> list[str]:
+    """Command that runs the default guest's fio here: its binary and libraries, copied out of the initramfs.
+
+    For hosts without fio installed; the guest's userland is Debian's, like the
+    lab's, so its own dynamic loader runs it.
+    """
+    with open(build.show().initrd, "rb") as f:
+        entries = read_cpio(f.read())
+    libdir = "lib/x86_64-linux-gnu"
+    for name, (mode, body) in entries.items():
+        if name != "usr/bin/fio" and not name.startswith(libdir + "/"):
+            continue
+        path = os.path.join(dest, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if stat.S_ISLNK(mode):
+            os.symlink(body.decode(), path)
+        elif stat.S_ISREG(mode):
+            with open(path, "wb") as out:
+                out.write(body)
+            os.chmod(path, stat.S_IMODE(mode))
+    return unpacked_fio(dest)
+
+
+def unpacked_fio(root: str) -> list[str]:
+    """Command that runs the fio that `fio_from_guest` unpacked into *root*."""
+    lib = os.path.join(root, "lib/x86_64-linux-gnu")
+    return [os.path.join(lib, "ld-linux-x86-64.so.2"), "--library-path", lib, os.path.join(root, "usr/bin/fio")]
+
+
+def host_fio(tmp: str) -> tuple[list[str], str | None]:
+    """How to run fio here: the installed one, else the guest's (unpacked below *tmp*: its root is returned too)."""
+    found = shutil.which("fio")
+    if found:
+        return [found], None
+    root = os.path.join(tmp, "fio")
+    return fio_from_guest(root), root
+
+
+def run_vmmkit(config: str, command: str, timeout: float) -> str:
+    proc = subprocess.run([sys.executable, "-m", "vmmkit", "run", config, "--exec", command],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vmmkit exited with {proc.returncode}:\n{proc.stdout.decode(errors='replace')[-2000:]}\n"
+                           f"{proc.stderr.decode(errors='replace')[-3000:]}")
+    return proc.stdout.decode(errors="replace")
+
+
+def run_qemu(image: str, aio: str, command: str, timeout: float) -> str:
+    result = run_qemu_exec(command, vcpus=1, memory="512M", timeout=timeout,
+                           extra_args=disk_args(image, cache="none", aio=aio))
+    if result.status != 0:
+        raise RuntimeError(f"QEMU: the guest command ended with {result.status} (QEMU status "
+                           f"{result.vmm_returncode}):\n{result.output.decode(errors='replace')[-2000:]}\n"
+                           f"--- console ---\n{result.console.decode(errors='replace')[-3000:]}")
+    return result.output.decode(errors="replace")
+
+
+def describe(values: dict[str, float]) -> str:
+    return "  ".join(f"{name} {values[name]:.0f} {metric}" for name, _l, _o, metric in JOBS)
+
+
+def benchmark(opts) -> int:
+    files = build.show()
+    if not files.built or "fio" not in files.extras:
+        raise SystemExit("the default guest needs fio: vmmkit guest build --with fio")
+    workdir = opts.dir or ("/scratch" if in_lab() else None)
+    with tempfile.TemporaryDirectory(prefix="vmmkit-blkbench-", dir=workdir) as tmp:
+        image = os.path.join(tmp, "disk.img")
+        size = opts.size_mib * MiB
+        started = time.monotonic()
+        fill_image(image, size)
+        log(f"{image}: {opts.size_mib} MiB of data written in {time.monotonic() - started:.1f}s")
+        aio = disk_aio(image, "none")
+        config = os.path.join(tmp, "vm.toml")
+        with open(config, "w") as f:
+            f.write('[machine]\nvcpus = 1\nmemory = "512M"\n\n[[device]]\nkind = "blk"\n'
+                    f'path = {json.dumps(image)}\ncache = "none"\n')
+            if opts.engine:
+                f.write(f'engine = {json.dumps(opts.engine)}\n')
+        command = guest_command(opts.runtime)
+        timeout = 600 + 20 * opts.runtime * len(JOBS)
+        results: dict[str, list[dict[str, float]]] = {"vmmkit": [], "qemu": []}
+        runners = {"vmmkit": lambda: run_vmmkit(config, command, timeout),
+                   "qemu": lambda: run_qemu(image, aio, command, timeout)}
+        for i in range(opts.rounds):
+            order = ["vmmkit", "qemu"] if i % 2 == 0 else ["qemu", "vmmkit"]
+            for name in order:
+                t0 = time.monotonic()
+                results[name].append(parse(runners[name](), cut=True))
+                log(f"round {i + 1} {name}: {describe(results[name][-1])} ({time.monotonic() - t0:.0f}s)")
+        fio = unpacked_fio(opts.fio_root) if opts.fio_root else host_fio(tmp)[0]
+        proc = subprocess.run(fio + fio_args(image, opts.runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"fio on {image} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        limit = parse(proc.stdout, cut=False)
+        log(f"limit ({'lab' if in_lab() else 'host'}): {describe(limit)}")
+
+    def med(name, job):
+        return statistics.median(r[job] for r in results[name])
+
+    where = "lab" if in_lab() else "host"
+    print(f"\nblk benchmark: {opts.size_mib} MiB raw image, fio libaio direct=1 iodepth=32, {opts.runtime}s per job, "
+          f"{opts.rounds} round{'s' if opts.rounds > 1 else ''} (medians), guest 1 vCPU 512M, kernel {files.release}")
+    print(f"vmmkit: cache=\"none\"{f', engine={opts.engine!r}' if opts.engine else ''}; "
+          f"QEMU microvm: cache=none,aio={aio}; {where}: fio on the image file")
+    print(f"{'job':<22}{'QEMU':>10}{'vmmkit':>10}{'vmmkit/QEMU':>13}{where:>10}{f'vmmkit/{where}':>13}")
+    for name, label, _opts, metric in JOBS:
+        q, v, lim = med("qemu", name), med("vmmkit", name), limit[name]
+        print(f"{f'{label} ({metric})':<22}{q:>10.0f}{v:>10.0f}{v / q:>12.2f}x{lim:>10.0f}{v / lim:>12.2f}x")
+    print(GOAL)
+    return 0
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2, help="boots of each VMM (default 2)")
+    parser.add_argument("--runtime", type=int, default=8, help="seconds per fio job (default 8)")
+    parser.add_argument("--engine", default=None, help="the blk device's engine option for vmmkit (e.g. native, python)")
+    parser.add_argument("--size-mib", type=int, default=1024, help="image size in MiB (default 1024)")
+    parser.add_argument("--dir", default=None, help="where the image goes (default: /scratch in the lab, else $TMPDIR); "
+                        "it must take O_DIRECT")
+    parser.add_argument("--lab", choices=("auto", "always", "never"), default="auto",
+                        help="run inside the KVM lab: auto (when this host's KVM cannot boot a stock kernel), "
+                        "always or never")
+    parser.add_argument("--fio-root", default=None, help=argparse.SUPPRESS)  # the guest's fio, unpacked by the host
+    opts = parser.parse_args()
+    if opts.rounds < 1 or opts.runtime < 1:
+        parser.error("--rounds and --runtime must be at least 1")
+
+    os.environ.setdefault(build.VARIANT_ENV, "bench")  # inherited by the lab and the VMMs it starts
+    if not in_lab():
+        build.build(["fio"], progress=lambda s: log(f"vmmkit: {s}"))
+    if in_lab() or opts.lab == "never" or (opts.lab == "auto" and kvm_status().usable):
+        try:
+            return benchmark(opts)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            raise SystemExit(f"blk benchmark failed: {exc}") from None
+
+    from vmmkit.lab.run import LAB_FAILED, run_in_lab
+    with tempfile.TemporaryDirectory(prefix="vmmkit-blkbench-fio-") as tmp:
+        # The lab sees the host's root, so fio unpacked here (when the host has none) runs there.
+        _fio, root = host_fio(tmp)
+        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]] + ([f"--fio-root={root}"] if root else [])
+        scratch = f"{opts.size_mib + 512 + opts.size_mib // 4}M"
+        # A lab machine that wedges (docs/lab.md) would otherwise hang here for good.
+        timeout = 900 + opts.rounds * 2 * (300 + 3 * len(JOBS) * opts.runtime)
+        log(f"running in the KVM lab with a {scratch} scratch disk")
+        status = run_in_lab(argv, scratch=scratch, timeout=timeout)
+        if status == LAB_FAILED:
+            log("the KVM lab itself failed (see its console above and docs/lab.md): run the benchmark again")
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
