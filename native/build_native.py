@@ -71,7 +71,7 @@ struct vmm_vq {
 struct vmm_blk {
     int fd; uint8_t read_only; uint8_t direct; uint64_t sectors; uint8_t serial[20];
     uint8_t *bounce; uint64_t bounce_len;
-    uint64_t io_errors; int last_errno; uint64_t bounced; uint64_t requests; uint32_t max_batch;
+    uint64_t io_errors; int last_errno; uint64_t bounced; uint64_t requests; uint32_t max_inflight;
     uint32_t mem_align;
 };
 struct vmm_blk_io;
@@ -81,8 +81,13 @@ struct vmm_blk_io *vmm_blk_io_new(int kind, uint32_t depth, uint32_t threads, in
 int vmm_blk_io_kind(struct vmm_blk_io *io);
 void vmm_blk_io_free(struct vmm_blk_io *io);
 int vmm_have_uring(void);
-int vmm_blk_process(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
-                    char *err, size_t errlen);
+int vmm_blk_io_eventfd(struct vmm_blk_io *io);
+uint32_t vmm_blk_inflight(struct vmm_blk_io *io);
+int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                   char *err, size_t errlen);
+int vmm_blk_complete(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                     char *err, size_t errlen);
+void vmm_blk_wait(struct vmm_blk_io *io, struct vmm_blk *blk);
 #define VMM_IO_SYNC ...
 #define VMM_IO_URING ...
 #define VMM_IO_THREADS ...

@@ -16,10 +16,14 @@
  * (data, status byte, used ring, avail_event) marks the region's dirty bitmap
  * with atomic ORs while logging is on (contract 4).
  *
- * Concurrency: one device thread calls vmm_blk_process() per queue at a time.
- * It returns only when every I/O it started has completed, so pausing the
- * device worker between calls really stops all access to guest memory
- * (contract 3). */
+ * Concurrency: one device thread serves the queue. vmm_blk_submit() takes
+ * the posted chains and starts their I/O without waiting; vmm_blk_complete()
+ * answers whatever has finished, in completion order, without blocking; the
+ * executor's eventfd (vmm_blk_io_eventfd) says when to call it. Requests in
+ * flight use guest memory until they are answered, so before the worker
+ * acknowledges a pause, and before a reset frees anything, it calls
+ * vmm_blk_wait() and vmm_blk_complete(): after that nothing touches guest
+ * memory (contract 3). */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -30,6 +34,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/uio.h>
 #include <unistd.h>
 #include <linux/falloc.h>
@@ -118,7 +123,7 @@ struct vmm_blk {
     int last_errno;
     uint64_t bounced;           /* transfers that went through a bounce buffer */
     uint64_t requests;          /* requests answered */
-    uint32_t max_batch;         /* most I/O requests ever started together */
+    uint32_t max_inflight;      /* most requests ever in flight together */
     uint32_t mem_align;         /* O_DIRECT buffer alignment when known (0: let the kernel
                                  * say EINVAL); misaligned transfers bounce without trying */
 };
@@ -402,9 +407,13 @@ static uint64_t vmm_segs_write(const struct vmm_mem *m, const struct vmm_seg *s,
     return done;
 }
 
-/* ----- requests and batches ----- */
+/* ----- requests ----- */
 
 enum { VMM_OP_DONE, VMM_OP_READ, VMM_OP_WRITE, VMM_OP_FLUSH };
+
+/* Where a request slot is: free, answered-to-be (its result is known, it is
+ * in the done list), or its I/O is running on the ring or in the pool. */
+enum { VMM_SLOT_FREE, VMM_SLOT_DONE, VMM_SLOT_URING, VMM_SLOT_POOL, VMM_SLOT_TAKEN };
 
 /* Where an iovec points, for dirty marking after a read lands. */
 struct vmm_ioreg {
@@ -413,6 +422,8 @@ struct vmm_ioreg {
     uint64_t len;
 };
 
+/* One request from pop to answer. A slot owns its iovecs (grown as needed
+ * and kept), so requests in flight never share any state. */
 struct vmm_req {
     uint64_t offset;            /* file offset */
     uint64_t len;               /* bytes to transfer */
@@ -421,19 +432,13 @@ struct vmm_req {
     uint8_t *status_host;
     struct vmm_region *status_r;
     uint64_t status_off;
-    uint32_t iov_first, iovcnt;
-    int32_t res;                /* 0, or -errno of a host I/O error */
-    uint16_t head;
-    uint8_t op, status;
-};
-
-struct vmm_batch {
-    struct vmm_req *reqs;
-    uint32_t n, cap, exec_from;
     struct iovec *iov;
     struct vmm_ioreg *ioreg;
-    uint32_t iov_used, iov_cap;
-    uint32_t *idx;
+    uint32_t iovcnt, iov_cap;
+    int32_t res;                /* 0, or -errno of a host I/O error */
+    uint32_t gen;               /* a FLUSH on io_uring: io->late_writes when it was submitted */
+    uint16_t head;
+    uint8_t op, status, state;
 };
 
 /* Slice [offset, offset + len) of the segments into iovecs; returns how many. */
@@ -574,7 +579,7 @@ static int vmm_rw(struct vmm_blk *blk, uint8_t *bounce, uint64_t blen, struct io
 }
 
 /* Run one I/O request with blocking syscalls (any thread). */
-static void vmm_req_run(struct vmm_blk *blk, uint8_t *bounce, uint64_t blen, struct vmm_req *rq, struct iovec *iov)
+static void vmm_req_run(struct vmm_blk *blk, uint8_t *bounce, uint64_t blen, struct vmm_req *rq)
 {
     if (rq->op == VMM_OP_FLUSH) {
         int r;
@@ -584,35 +589,102 @@ static void vmm_req_run(struct vmm_blk *blk, uint8_t *bounce, uint64_t blen, str
         rq->res = r < 0 ? -errno : 0;
         return;
     }
-    rq->res = vmm_rw(blk, bounce, blen, iov + rq->iov_first, rq->iovcnt, rq->offset, rq->len,
-                     rq->op == VMM_OP_WRITE, &rq->done);
+    rq->res = vmm_rw(blk, bounce, blen, rq->iov, rq->iovcnt, rq->offset, rq->len, rq->op == VMM_OP_WRITE, &rq->done);
 }
 
-/* ----- executors: io_uring, a thread pool, or the calling thread ----- */
-
-struct vmm_job {
-    struct vmm_blk *blk;
-    struct vmm_req *reqs;
-    struct iovec *iov;
-    const uint32_t *idx;
-};
+/* ----- executors: io_uring, a thread pool, or the calling thread -----
+ *
+ * An executor owns the request slots (as many as the deepest queue: that
+ * bounds the requests in flight) and three lists of slot numbers: the free
+ * slots (device thread only), the done list, FIFO, of requests whose result
+ * is known and that the next vmm_blk_complete() answers, and, for the pool,
+ * the FIFO of jobs waiting for a worker. The done list and the jobs are
+ * under io->lock for the pool, whose workers push finished requests; for
+ * io_uring and synchronous I/O only the device thread touches them.
+ *
+ * Completion is signalled on io->efd (an eventfd): io_uring writes it for
+ * every completion (io_uring_register_eventfd), a pool worker after every
+ * job. The device thread polls it and calls vmm_blk_complete(). */
 
 struct vmm_blk_io {
     int kind;
-    uint32_t depth;             /* most requests started together */
+    uint32_t depth;             /* request slots: most requests in flight together */
     int broken;                 /* io_uring failed unexpectedly: run synchronously from now on */
+    int efd;                    /* completion eventfd, -1 for synchronous I/O */
 #ifdef VMM_HAVE_URING
     struct io_uring ring;
 #endif
+    uint32_t *unsub;            /* io_uring: slots whose SQEs the kernel has not taken yet, in order */
+    uint32_t nunsub;
+    struct vmm_req *slots;
+    uint32_t *free_slots;
+    uint32_t nfree;
+    uint32_t *done;             /* ring of depth entries */
+    uint32_t done_head, done_n;
+    uint32_t *take;             /* vmm_blk_complete()'s copy of the done list */
+    uint32_t io_pending;        /* I/O started on the ring or in the pool and not finished */
+    uint32_t late_writes;       /* io_uring: writes finished synchronously after their CQE */
+    int starved;                /* the last submit left chains posted for want of a free slot */
+    struct vmm_seg *segs;       /* scratch for walking a chain */
+    uint32_t segs_cap;
     /* thread pool */
     pthread_mutex_t lock;
     pthread_cond_t work, idle;
     pthread_t threads[VMM_POOL_MAX];
     uint32_t wanted, nthreads;
     int started, stop;
-    struct vmm_job job;
-    uint32_t next, count, remaining;
+    struct vmm_blk *blk;        /* the backend jobs run against (set under the lock) */
+    uint32_t *jobs;             /* ring of depth entries */
+    uint32_t job_head, job_n, running;
+    int barrier_running;        /* a FLUSH is running: nothing else starts */
 };
+
+static void vmm_io_error(struct vmm_blk *blk, int res)
+{
+    blk->io_errors++;
+    blk->last_errno = -res;
+}
+
+static void vmm_efd_signal(int efd)
+{
+    uint64_t one = 1;
+    if (efd >= 0) {
+        ssize_t r;
+        do
+            r = write(efd, &one, sizeof(one));
+        while (r < 0 && errno == EINTR);
+        /* EAGAIN: the counter is saturated, i.e. already readable. */
+    }
+}
+
+/* Put a slot on the done list. Caller holds io->lock for the pool. */
+static void vmm_done_push_locked(struct vmm_blk_io *io, uint32_t slot)
+{
+    io->done[(io->done_head + io->done_n) % io->depth] = slot;
+    io->done_n++;
+    io->slots[slot].state = VMM_SLOT_DONE;
+}
+
+static void vmm_done_push(struct vmm_blk_io *io, uint32_t slot)
+{
+    if (io->kind == VMM_IO_THREADS) {
+        pthread_mutex_lock(&io->lock);
+        vmm_done_push_locked(io, slot);
+        pthread_mutex_unlock(&io->lock);
+    } else {
+        vmm_done_push_locked(io, slot);
+    }
+}
+
+/* A worker may take the head job: none is running a FLUSH, and a FLUSH only
+ * starts once everything started before it has finished (a barrier, like
+ * io_uring's IOSQE_IO_DRAIN). */
+static int vmm_pool_can_take(struct vmm_blk_io *io)
+{
+    if (!io->job_n || io->barrier_running)
+        return 0;
+    return io->slots[io->jobs[io->job_head]].op != VMM_OP_FLUSH || io->running == 0;
+}
 
 static void *vmm_pool_worker(void *arg)
 {
@@ -621,19 +693,34 @@ static void *vmm_pool_worker(void *arg)
     const uint64_t blen = 1 << 20;
     pthread_mutex_lock(&io->lock);
     for (;;) {
-        while (!io->stop && io->next >= io->count)
+        while (!io->stop && !vmm_pool_can_take(io))
             pthread_cond_wait(&io->work, &io->lock);
         if (io->stop)
             break;
-        uint32_t j = io->next++;
-        struct vmm_job job = io->job;
+        uint32_t slot = io->jobs[io->job_head];
+        io->job_head = (io->job_head + 1) % io->depth;
+        io->job_n--;
+        struct vmm_req *rq = &io->slots[slot];
+        int barrier = rq->op == VMM_OP_FLUSH;
+        io->running++;
+        if (barrier)
+            io->barrier_running = 1;
+        struct vmm_blk *blk = io->blk;
         pthread_mutex_unlock(&io->lock);
-        if (job.blk->direct && !bounce && posix_memalign((void **)&bounce, 4096, blen))
+        if (blk->direct && !bounce && posix_memalign((void **)&bounce, 4096, blen))
             bounce = NULL;
-        vmm_req_run(job.blk, bounce, bounce ? blen : 0, &job.reqs[job.idx[j]], job.iov);
+        vmm_req_run(blk, bounce, bounce ? blen : 0, rq);
         pthread_mutex_lock(&io->lock);
-        if (--io->remaining == 0)
-            pthread_cond_signal(&io->idle);
+        io->running--;
+        if (barrier)
+            io->barrier_running = 0;
+        vmm_done_push_locked(io, slot);
+        io->io_pending--;
+        if (io->job_n)
+            pthread_cond_broadcast(&io->work);  /* a FLUSH may wait for running == 0 */
+        if (!io->io_pending)
+            pthread_cond_broadcast(&io->idle);
+        vmm_efd_signal(io->efd);
     }
     pthread_mutex_unlock(&io->lock);
     free(bounce);
@@ -659,143 +746,180 @@ static void vmm_pool_start(struct vmm_blk_io *io)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
 }
 
-static void vmm_exec_pool(struct vmm_blk_io *io, struct vmm_blk *blk, struct vmm_req *reqs,
-                          const uint32_t *idx, uint32_t n, struct iovec *iov)
+#ifdef VMM_HAVE_URING
+/* Take one CQE's result. Transfers io_uring left short, or O_DIRECT refused
+ * (EINVAL: misaligned), are finished here synchronously, like Disk._rw. */
+static void vmm_uring_reap_one(struct vmm_blk_io *io, struct vmm_blk *blk, struct io_uring_cqe *cqe)
 {
-    if (!io->started)
-        vmm_pool_start(io);
-    if (io->nthreads == 0 || n == 1) {
-        for (uint32_t j = 0; j < n; j++)
-            vmm_req_run(blk, blk->bounce, blk->bounce_len, &reqs[idx[j]], iov);
-        return;
+    uint64_t slot = io_uring_cqe_get_data64(cqe);
+    int32_t res = cqe->res;
+    if (slot >= io->depth || io->slots[slot].state != VMM_SLOT_URING)
+        return;  /* cannot happen: every SQE carries its slot */
+    struct vmm_req *rq = &io->slots[slot];
+    if (rq->op == VMM_OP_FLUSH) {
+        rq->res = res < 0 ? res : 0;
+    } else if (res == -EINVAL && blk->direct) {
+        rq->done = 0;
+        vmm_req_run(blk, blk->bounce, blk->bounce_len, rq);  /* retries, then bounces */
+        if (rq->op == VMM_OP_WRITE)
+            io->late_writes++;
+    } else if (res < 0) {
+        rq->res = res;
+    } else {
+        rq->done = (uint64_t)res;
+        rq->res = 0;
+        if (res > 0 && rq->done < rq->len) {  /* short: carry on like Disk._rw */
+            vmm_req_run(blk, blk->bounce, blk->bounce_len, rq);
+            if (rq->op == VMM_OP_WRITE)
+                io->late_writes++;
+        }
     }
-    pthread_mutex_lock(&io->lock);
-    io->job = (struct vmm_job){blk, reqs, iov, idx};
-    io->next = 0;
-    io->count = io->remaining = n;
-    pthread_cond_broadcast(&io->work);
-    /* The device thread works too, with the backend's own bounce buffer. */
-    while (io->next < io->count) {
-        uint32_t j = io->next++;
-        pthread_mutex_unlock(&io->lock);
-        vmm_req_run(blk, blk->bounce, blk->bounce_len, &reqs[idx[j]], iov);
-        pthread_mutex_lock(&io->lock);
-        io->remaining--;
-    }
-    while (io->remaining)
-        pthread_cond_wait(&io->idle, &io->lock);
-    io->count = io->next = 0;
-    pthread_mutex_unlock(&io->lock);
+    io->io_pending--;
+    vmm_done_push_locked(io, (uint32_t)slot);
 }
 
-#ifdef VMM_HAVE_URING
-/* Submit every request at once, wait for every completion, then finish short
- * or refused (O_DIRECT EINVAL) transfers synchronously. A FLUSH drains: it
- * starts after everything before it in the batch completed, and what comes
- * after starts after it, as if the requests had been served one by one. */
-static void vmm_exec_uring(struct vmm_blk_io *io, struct vmm_blk *blk, struct vmm_req *reqs,
-                           const uint32_t *idx, uint32_t n, struct iovec *iov)
+/* Move every finished CQE to the done list, without entering the kernel. */
+static void vmm_uring_reap(struct vmm_blk_io *io, struct vmm_blk *blk)
 {
-    struct io_uring *ring = &io->ring;
-    uint32_t prepared = 0, submitted = 0, completed = 0;
-    uint32_t prep[n ? n : 1];
-    uint8_t got[n ? n : 1];
-    int32_t cres[n ? n : 1];
-    for (uint32_t j = 0; j < n; j++) {
-        struct vmm_req *rq = &reqs[idx[j]];
-        got[j] = 0;
-        int sync = rq->iovcnt > VMM_IOV_MAX || (rq->op != VMM_OP_FLUSH &&
-                                                  vmm_iov_misaligned(blk, iov + rq->iov_first, rq->iovcnt));
-        struct io_uring_sqe *sqe = sync ? NULL : io_uring_get_sqe(ring);
-        if (!sqe) {
-            got[j] = 2;  /* served synchronously below */
-            continue;
-        }
-        if (rq->op == VMM_OP_READ)
-            io_uring_prep_readv(sqe, blk->fd, iov + rq->iov_first, rq->iovcnt, rq->offset);
-        else if (rq->op == VMM_OP_WRITE)
-            io_uring_prep_writev(sqe, blk->fd, iov + rq->iov_first, rq->iovcnt, rq->offset);
-        else {
-            io_uring_prep_fsync(sqe, blk->fd, IORING_FSYNC_DATASYNC);
-            sqe->flags |= IOSQE_IO_DRAIN;
-        }
-        io_uring_sqe_set_data64(sqe, j);
-        prep[prepared++] = j;
+    struct io_uring_cqe *cqe;
+    while (io_uring_peek_cqe(&io->ring, &cqe) == 0) {
+        vmm_uring_reap_one(io, blk, cqe);
+        io_uring_cqe_seen(&io->ring, cqe);
     }
+}
+
+/* Hand the prepared SQEs to the kernel. If the ring fails for good, what it
+ * never took runs synchronously (the ring is never entered again). */
+static void vmm_uring_flush(struct vmm_blk_io *io, struct vmm_blk *blk)
+{
     int tries = 0;
-    while (completed < prepared) {
-        if (submitted < prepared && !io->broken) {
-            int r = io_uring_submit(ring);
-            if (r > 0) {
-                submitted += (uint32_t)r;
-                tries = 0;
-            } else if ((r == 0 || r == -EINTR || r == -EAGAIN || r == -EBUSY) && ++tries < 1000) {
-                if (submitted == completed)
-                    sched_yield();
-            } else {
-                /* The ring is unusable. What it never took stays unsubmitted
-                 * (the ring is never entered again) and runs synchronously. */
-                io->broken = 1;
-            }
-        }
-        if (submitted == completed) {
-            if (io->broken)
-                break;
-            continue;
-        }
-        struct io_uring_cqe *cqe;
-        int r = io_uring_wait_cqe(ring, &cqe);
-        if (r == -EINTR || r == -EAGAIN || r == -EBUSY)
-            continue;
-        if (r < 0) {
-            /* Cannot happen with a CQ ring twice the SQ ring; give up on the
-             * ring and answer what is still in flight with an I/O error. */
-            io->broken = 1;
-            for (uint32_t k = 0; k < submitted; k++)
-                if (!got[prep[k]]) {
-                    got[prep[k]] = 1;
-                    cres[prep[k]] = -EIO;
-                }
-            completed = submitted;
-            break;
-        }
-        uint64_t j = io_uring_cqe_get_data64(cqe);
-        if (j < n && !got[j]) {
-            got[j] = 1;
-            cres[j] = cqe->res;
-            completed++;
-        }
-        io_uring_cqe_seen(ring, cqe);
-    }
-    for (uint32_t j = 0; j < n; j++) {
-        struct vmm_req *rq = &reqs[idx[j]];
-        if (got[j] != 1) {  /* never submitted */
-            vmm_req_run(blk, blk->bounce, blk->bounce_len, rq, iov);
-            continue;
-        }
-        int32_t res = cres[j];
-        if (rq->op == VMM_OP_FLUSH) {
-            rq->res = res < 0 ? res : 0;
-        } else if (res == -EINVAL && blk->direct) {
-            rq->done = 0;
-            vmm_req_run(blk, blk->bounce, blk->bounce_len, rq, iov);  /* retries, then bounces */
-        } else if (res < 0) {
-            rq->res = res;
+    while (io->nunsub && !io->broken) {
+        int r = io_uring_submit(&io->ring);
+        if (r > 0) {
+            uint32_t n = (uint32_t)r < io->nunsub ? (uint32_t)r : io->nunsub;
+            memmove(io->unsub, io->unsub + n, sizeof(*io->unsub) * (io->nunsub - n));
+            io->nunsub -= n;
+            tries = 0;
+        } else if ((r == 0 || r == -EINTR || r == -EAGAIN || r == -EBUSY) && ++tries < 1000) {
+            vmm_uring_reap(io, blk);  /* room may come with completions */
+            sched_yield();
         } else {
-            rq->done = (uint64_t)res;
-            rq->res = 0;
-            if (res > 0 && rq->done < rq->len)  /* short: carry on like Disk._rw */
-                vmm_req_run(blk, blk->bounce, blk->bounce_len, rq, iov);
+            io->broken = 1;
         }
+    }
+    if (io->broken && io->nunsub) {
+        for (uint32_t k = 0; k < io->nunsub; k++) {
+            struct vmm_req *rq = &io->slots[io->unsub[k]];
+            vmm_req_run(blk, blk->bounce, blk->bounce_len, rq);
+            io->io_pending--;
+            vmm_done_push_locked(io, io->unsub[k]);
+        }
+        io->nunsub = 0;
     }
 }
 #endif
 
-/* Create an executor: VMM_IO_URING (depth entries), VMM_IO_THREADS (threads
- * workers, started on first use), or VMM_IO_SYNC. NULL with *err = errno when
- * the kernel refuses io_uring (ENOSYS, EPERM under seccomp or
- * io_uring_disabled, ENOMEM under a low RLIMIT_MEMLOCK) or it was built
+/* Start the I/O of a request in a taken slot, or run it now. */
+static void vmm_start_io(struct vmm_blk_io *io, struct vmm_blk *blk, uint32_t slot)
+{
+    struct vmm_req *rq = &io->slots[slot];
+#ifdef VMM_HAVE_URING
+    if (io->kind == VMM_IO_URING && !io->broken) {
+        int sync = rq->iovcnt > VMM_IOV_MAX || (rq->op != VMM_OP_FLUSH && vmm_iov_misaligned(blk, rq->iov, rq->iovcnt));
+        struct io_uring_sqe *sqe = NULL;
+        if (!sync) {
+            sqe = io_uring_get_sqe(&io->ring);
+            if (!sqe) {
+                vmm_uring_flush(io, blk);
+                sqe = io->broken ? NULL : io_uring_get_sqe(&io->ring);
+            }
+        }
+        if (sqe) {
+            if (rq->op == VMM_OP_READ) {
+                io_uring_prep_readv(sqe, blk->fd, rq->iov, rq->iovcnt, rq->offset);
+            } else if (rq->op == VMM_OP_WRITE) {
+                io_uring_prep_writev(sqe, blk->fd, rq->iov, rq->iovcnt, rq->offset);
+            } else {
+                /* Starts once everything submitted before it completed, and
+                 * what comes after starts once it completed. */
+                io_uring_prep_fsync(sqe, blk->fd, IORING_FSYNC_DATASYNC);
+                sqe->flags |= IOSQE_IO_DRAIN;
+                rq->gen = io->late_writes;
+            }
+            io_uring_sqe_set_data64(sqe, slot);
+            rq->state = VMM_SLOT_URING;
+            io->unsub[io->nunsub++] = slot;
+            io->io_pending++;
+            return;
+        }
+    }
+#endif
+    if (io->kind == VMM_IO_THREADS) {
+        if (!io->started)
+            vmm_pool_start(io);
+        if (io->nthreads) {
+            pthread_mutex_lock(&io->lock);
+            io->blk = blk;
+            io->jobs[(io->job_head + io->job_n) % io->depth] = slot;
+            io->job_n++;
+            io->io_pending++;
+            rq->state = VMM_SLOT_POOL;
+            pthread_cond_signal(&io->work);
+            pthread_mutex_unlock(&io->lock);
+            return;
+        }
+    }
+    vmm_req_run(blk, blk->bounce, blk->bounce_len, rq);
+    vmm_done_push(io, slot);
+}
+
+/* Wait until every I/O started has finished (it is then on the done list,
+ * answered by the next vmm_blk_complete()). Blocks the calling thread. */
+static void vmm_blk_wait(struct vmm_blk_io *io, struct vmm_blk *blk)
+{
+    if (!io)
+        return;
+#ifdef VMM_HAVE_URING
+    if (io->kind == VMM_IO_URING) {
+        vmm_uring_flush(io, blk);
+        while (io->io_pending) {
+            struct io_uring_cqe *cqe;
+            int r = io_uring_wait_cqe(&io->ring, &cqe);
+            if (r == 0) {
+                vmm_uring_reap_one(io, blk, cqe);
+                io_uring_cqe_seen(&io->ring, cqe);
+                continue;
+            }
+            if (r == -EINTR || r == -EAGAIN || r == -EBUSY)
+                continue;
+            /* Cannot happen with a CQ ring twice the slots; give up on the
+             * ring and answer what is still in flight with an I/O error. */
+            io->broken = 1;
+            for (uint32_t s = 0; s < io->depth; s++)
+                if (io->slots[s].state == VMM_SLOT_URING) {
+                    io->slots[s].res = -EIO;
+                    vmm_done_push_locked(io, s);
+                }
+            io->io_pending = 0;
+        }
+        return;
+    }
+#endif
+    if (io->kind == VMM_IO_THREADS) {
+        pthread_mutex_lock(&io->lock);
+        while (io->io_pending)
+            pthread_cond_wait(&io->idle, &io->lock);
+        pthread_mutex_unlock(&io->lock);
+    }
+}
+
+/* Create an executor: VMM_IO_URING, VMM_IO_THREADS (threads workers,
+ * started on first use), or VMM_IO_SYNC, with depth request slots. NULL with
+ * *err = errno when the kernel refuses io_uring (ENOSYS, EPERM under seccomp
+ * or io_uring_disabled, ENOMEM under a low RLIMIT_MEMLOCK) or it was built
  * without liburing (EOPNOTSUPP). */
+static void vmm_blk_io_free(struct vmm_blk_io *io);
+
 static struct vmm_blk_io *vmm_blk_io_new(int kind, uint32_t depth, uint32_t threads, int *err)
 {
     *err = 0;
@@ -803,15 +927,49 @@ static struct vmm_blk_io *vmm_blk_io_new(int kind, uint32_t depth, uint32_t thre
         *err = EINVAL;
         return NULL;
     }
+#ifndef VMM_HAVE_URING
+    if (kind == VMM_IO_URING) {
+        *err = EOPNOTSUPP;
+        return NULL;
+    }
+#endif
+    if (depth > VMM_MAX_QUEUE)
+        depth = VMM_MAX_QUEUE;
     struct vmm_blk_io *io = calloc(1, sizeof(*io));
     if (!io) {
         *err = ENOMEM;
         return NULL;
     }
     io->kind = kind;
+    io->efd = -1;
     io->depth = depth ? depth : 1;
-    if (kind == VMM_IO_URING) {
+    pthread_mutex_init(&io->lock, NULL);
+    pthread_cond_init(&io->work, NULL);
+    pthread_cond_init(&io->idle, NULL);
+    io->slots = calloc(io->depth, sizeof(*io->slots));
+    io->free_slots = calloc(io->depth, sizeof(uint32_t));
+    io->done = calloc(io->depth, sizeof(uint32_t));
+    io->take = calloc(io->depth, sizeof(uint32_t));
+    io->jobs = calloc(io->depth, sizeof(uint32_t));
+    io->unsub = calloc(io->depth, sizeof(uint32_t));
+    if (!io->slots || !io->free_slots || !io->done || !io->take || !io->jobs || !io->unsub) {
+        *err = ENOMEM;
+        vmm_blk_io_free(io);
+        return NULL;
+    }
+    for (uint32_t i = 0; i < io->depth; i++)
+        io->free_slots[i] = io->depth - 1 - i;  /* slot 0 is taken first */
+    io->nfree = io->depth;
+    if (kind != VMM_IO_SYNC) {
+        io->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+        if (io->efd < 0) {
+            *err = errno;
+            vmm_blk_io_free(io);
+            return NULL;
+        }
+    }
 #ifdef VMM_HAVE_URING
+    if (kind == VMM_IO_URING) {
         struct io_uring_params p;
         memset(&p, 0, sizeof(p));
         p.flags = IORING_SETUP_SUBMIT_ALL | IORING_SETUP_CQSIZE;
@@ -825,26 +983,39 @@ static struct vmm_blk_io *vmm_blk_io_new(int kind, uint32_t depth, uint32_t thre
         }
         if (r < 0) {
             *err = -r;
-            free(io);
+            io->kind = VMM_IO_SYNC;  /* no ring to tear down */
+            vmm_blk_io_free(io);
             return NULL;
         }
-#else
-        *err = EOPNOTSUPP;
-        free(io);
-        return NULL;
-#endif
-    } else if (kind == VMM_IO_THREADS) {
-        pthread_mutex_init(&io->lock, NULL);
-        pthread_cond_init(&io->work, NULL);
-        pthread_cond_init(&io->idle, NULL);
-        io->wanted = threads > VMM_POOL_MAX ? VMM_POOL_MAX : threads;
+        r = io_uring_register_eventfd(&io->ring, io->efd);
+        if (r < 0) {
+            *err = -r;
+            vmm_blk_io_free(io);
+            return NULL;
+        }
     }
+#endif
+    if (kind == VMM_IO_THREADS)
+        io->wanted = threads > VMM_POOL_MAX ? VMM_POOL_MAX : threads;
     return io;
 }
 
 static int vmm_blk_io_kind(struct vmm_blk_io *io)
 {
     return io ? io->kind : VMM_IO_SYNC;
+}
+
+/* The completion eventfd to poll (-1 for synchronous I/O: everything is done
+ * by the time vmm_blk_submit() returns). */
+static int vmm_blk_io_eventfd(struct vmm_blk_io *io)
+{
+    return io ? io->efd : -1;
+}
+
+/* Requests taken from the queue and not answered yet. */
+static uint32_t vmm_blk_inflight(struct vmm_blk_io *io)
+{
+    return io ? io->depth - io->nfree : 0;
 }
 
 static int vmm_have_uring(void)
@@ -856,14 +1027,23 @@ static int vmm_have_uring(void)
 #endif
 }
 
-/* Release an executor. Only once no vmm_blk_process() call uses it. */
+/* Release an executor. Only once no other call uses it, and after
+ * vmm_blk_wait() + vmm_blk_complete() answered what was in flight; what
+ * might still run is waited for (never freed under the kernel's feet). */
 static void vmm_blk_io_free(struct vmm_blk_io *io)
 {
     if (!io)
         return;
 #ifdef VMM_HAVE_URING
-    if (io->kind == VMM_IO_URING)
+    if (io->kind == VMM_IO_URING) {
+        uint32_t running = io->io_pending - (io->nunsub < io->io_pending ? io->nunsub : io->io_pending);
+        struct io_uring_cqe *cqe;
+        while (running && !io->broken && io_uring_wait_cqe(&io->ring, &cqe) == 0) {
+            io_uring_cqe_seen(&io->ring, cqe);
+            running--;
+        }
         io_uring_queue_exit(&io->ring);
+    }
 #endif
     if (io->kind == VMM_IO_THREADS) {
         pthread_mutex_lock(&io->lock);
@@ -872,10 +1052,24 @@ static void vmm_blk_io_free(struct vmm_blk_io *io)
         pthread_mutex_unlock(&io->lock);
         for (uint32_t i = 0; i < io->nthreads; i++)
             pthread_join(io->threads[i], NULL);
-        pthread_cond_destroy(&io->idle);
-        pthread_cond_destroy(&io->work);
-        pthread_mutex_destroy(&io->lock);
     }
+    pthread_cond_destroy(&io->idle);
+    pthread_cond_destroy(&io->work);
+    pthread_mutex_destroy(&io->lock);
+    if (io->efd >= 0)
+        close(io->efd);
+    if (io->slots)
+        for (uint32_t i = 0; i < io->depth; i++) {
+            free(io->slots[i].iov);
+            free(io->slots[i].ioreg);
+        }
+    free(io->slots);
+    free(io->free_slots);
+    free(io->done);
+    free(io->take);
+    free(io->jobs);
+    free(io->unsub);
+    free(io->segs);
     free(io);
 }
 
@@ -885,94 +1079,8 @@ struct vmm_ctx {
     struct vmm_q q;
     struct vmm_blk *blk;
     struct vmm_blk_io *io;
-    struct vmm_batch b;
     struct vmm_seg *segs;
 };
-
-/* Start every I/O request of the batch not started yet, and wait for them. */
-static void vmm_exec_pending(struct vmm_ctx *x)
-{
-    struct vmm_batch *b = &x->b;
-    uint32_t n = 0;
-    for (uint32_t i = b->exec_from; i < b->n; i++)
-        if (b->reqs[i].op != VMM_OP_DONE)
-            b->idx[n++] = i;
-    b->exec_from = b->n;
-    if (!n)
-        return;
-    if (n > x->blk->max_batch)
-        x->blk->max_batch = n;
-    struct vmm_blk_io *io = x->io;
-#ifdef VMM_HAVE_URING
-    if (io && io->kind == VMM_IO_URING && !io->broken) {
-        vmm_exec_uring(io, x->blk, b->reqs, b->idx, n, b->iov);
-        return;
-    }
-#endif
-    if (io && io->kind == VMM_IO_THREADS) {
-        vmm_exec_pool(io, x->blk, b->reqs, b->idx, n, b->iov);
-        return;
-    }
-    for (uint32_t j = 0; j < n; j++)
-        vmm_req_run(x->blk, x->blk->bounce, x->blk->bounce_len, &b->reqs[b->idx[j]], b->iov);
-}
-
-static void vmm_io_error(struct vmm_blk *blk, int res)
-{
-    blk->io_errors++;
-    blk->last_errno = -res;
-}
-
-/* Answer every request of the batch, in the order the driver posted them:
- * status byte, used entry; then publish used.idx once, after the entries. */
-static void vmm_complete_batch(struct vmm_ctx *x)
-{
-    struct vmm_batch *b = &x->b;
-    struct vmm_q *q = &x->q;
-    const struct vmm_mem *m = q->mem;
-    if (!b->n)
-        return;
-    vmm_exec_pending(x);
-    for (uint32_t i = 0; i < b->n; i++) {
-        struct vmm_req *rq = &b->reqs[i];
-        if (rq->op == VMM_OP_READ) {
-            /* Mark what landed, even on a short or failed read: it is in guest memory now. */
-            uint64_t left = rq->done;
-            for (uint32_t k = 0; k < rq->iovcnt && left; k++) {
-                struct vmm_ioreg *g = &b->ioreg[rq->iov_first + k];
-                uint64_t take = g->len < left ? g->len : left;
-                vmm_mark(m, g->r, g->off, take);
-                left -= take;
-            }
-        }
-        if (rq->op != VMM_OP_DONE) {
-            if (rq->res < 0) {
-                vmm_io_error(x->blk, rq->res);
-                rq->status = VMM_BLK_S_IOERR;
-            } else if (rq->op != VMM_OP_FLUSH && rq->done != rq->len) {
-                rq->status = VMM_BLK_S_IOERR;  /* short transfer: the image shrank? */
-            } else {
-                rq->status = VMM_BLK_S_OK;
-                rq->written = rq->op == VMM_OP_READ ? rq->len : 0;
-            }
-        }
-        __atomic_store_n(rq->status_host, rq->status, __ATOMIC_RELAXED);
-        vmm_mark(m, rq->status_r, rq->status_off, 1);
-        uint64_t used_len = rq->written + 1;
-        uint32_t slot = q->vq->next_used % q->size;
-        uint32_t *elem = (uint32_t *)(q->used + 4 + 8ull * slot);
-        __atomic_store_n(&elem[0], (uint32_t)rq->head, __ATOMIC_RELAXED);
-        __atomic_store_n(&elem[1], used_len > UINT32_MAX ? UINT32_MAX : (uint32_t)used_len, __ATOMIC_RELAXED);
-        vmm_mark(m, q->used_r, q->used_off + 4 + 8ull * slot, 8);
-        q->vq->next_used++;
-    }
-    /* Release: the driver that sees the new used.idx sees the entries, the
-     * status bytes and the data (virtio 2.7.13.3). */
-    __atomic_store_n((uint16_t *)(q->used + 2), q->vq->next_used, __ATOMIC_RELEASE);
-    vmm_mark(m, q->used_r, q->used_off + 2, 2);
-    x->blk->requests += b->n;
-    b->n = b->exec_from = b->iov_used = 0;
-}
 
 /* The byte offset of a transfer, or -1 unless it is whole sectors inside the
  * disk (VirtioBlk._range). No multiplication can overflow: sector <= sectors. */
@@ -1060,8 +1168,8 @@ static uint8_t vmm_blk_discard(struct vmm_ctx *x, const struct vmm_chain *c, uin
         if (flags[i] & ~allowed)
             return VMM_BLK_S_UNSUPP;
     }
-    /* Whatever was posted before this request has finished first. */
-    vmm_exec_pending(x);
+    /* Whatever was taken before this request has finished first. */
+    vmm_blk_wait(x->io, x->blk);
     for (uint32_t i = 0; i < nseg; i++) {
         uint64_t offset = sector[i] * VMM_SECTOR, len = (uint64_t)count[i] * VMM_SECTOR;
         int r = rtype == VMM_BLK_T_DISCARD
@@ -1075,28 +1183,39 @@ static uint8_t vmm_blk_discard(struct vmm_ctx *x, const struct vmm_chain *c, uin
     return VMM_BLK_S_OK;
 }
 
-/* Turn a walked chain into a request in the batch (VirtioBlk.handle_chain and
- * _serve). Returns -1 only for the protocol violation: no status byte. */
+/* Turn a walked chain into a request in a free slot (VirtioBlk.handle_chain
+ * and _serve) and start its I/O, or answer it at once. Returns -1 only for
+ * the protocol violation: no status byte. */
 static int vmm_blk_parse(struct vmm_ctx *x, const struct vmm_chain *c, char *err, size_t errlen)
 {
     struct vmm_blk *blk = x->blk;
-    struct vmm_batch *b = &x->b;
+    struct vmm_blk_io *io = x->io;
     const struct vmm_seg *segs = x->segs, *wsegs = x->segs + c->nr;
     if (c->wlen == 0)
         return vmm_fail(err, errlen, "request at head %u has no writable status byte", c->head);
     uint64_t data_in = c->wlen - 1;  /* bytes before the status byte */
-    struct vmm_req *rq = &b->reqs[b->n++];
+    uint32_t slot = io->free_slots[--io->nfree];
+    uint32_t inflight = io->depth - io->nfree;
+    if (inflight > blk->max_inflight)
+        blk->max_inflight = inflight;
+    struct vmm_req *rq = &io->slots[slot];
     const struct vmm_seg *last = &wsegs[c->nw - 1];
+    struct iovec *iov = rq->iov;
+    struct vmm_ioreg *ioreg = rq->ioreg;
+    uint32_t iov_cap = rq->iov_cap;
     memset(rq, 0, sizeof(*rq));
+    rq->iov = iov;
+    rq->ioreg = ioreg;
+    rq->iov_cap = iov_cap;
+    rq->state = VMM_SLOT_TAKEN;
     rq->head = c->head;
     rq->op = VMM_OP_DONE;
     rq->status = VMM_BLK_S_IOERR;
     rq->status_host = last->host + last->len - 1;
     rq->status_r = last->r;
     rq->status_off = last->off + last->len - 1;
-    rq->iov_first = b->iov_used;
     if (c->rlen < VMM_BLK_HEADER)
-        return 0;
+        goto done;
     uint8_t hdr[VMM_BLK_HEADER];
     vmm_segs_read(segs, c->nr, 0, hdr, VMM_BLK_HEADER);
     uint32_t rtype;
@@ -1110,39 +1229,56 @@ static int vmm_blk_parse(struct vmm_ctx *x, const struct vmm_chain *c, char *err
         int write = rtype == VMM_BLK_T_OUT;
         uint64_t len = write ? data_out : data_in;
         if (write && blk->read_only)
-            return 0;
+            goto done;
         if (vmm_blk_range(blk, sector, len, &offset))
-            return 0;
+            goto done;
         if (len == 0) {
             rq->status = VMM_BLK_S_OK;
-            return 0;
+            goto done;
+        }
+        uint32_t need = write ? c->nr : c->nw;
+        if (need > rq->iov_cap) {
+            struct iovec *ni = realloc(rq->iov, sizeof(*ni) * need);
+            if (ni)
+                rq->iov = ni;
+            struct vmm_ioreg *nr = realloc(rq->ioreg, sizeof(*nr) * need);
+            if (nr)
+                rq->ioreg = nr;
+            if (!ni || !nr) {
+                vmm_io_error(blk, -ENOMEM);
+                goto done;
+            }
+            rq->iov_cap = need;
         }
         rq->op = write ? VMM_OP_WRITE : VMM_OP_READ;
         rq->offset = offset;
         rq->len = len;
-        rq->iovcnt = write ? vmm_segs_slice(segs, c->nr, VMM_BLK_HEADER, len, b->iov + b->iov_used,
-                                            b->ioreg + b->iov_used)
-                           : vmm_segs_slice(wsegs, c->nw, 0, len, b->iov + b->iov_used, b->ioreg + b->iov_used);
-        b->iov_used += rq->iovcnt;
+        rq->iovcnt = write ? vmm_segs_slice(segs, c->nr, VMM_BLK_HEADER, len, rq->iov, rq->ioreg)
+                           : vmm_segs_slice(wsegs, c->nw, 0, len, rq->iov, rq->ioreg);
+        vmm_start_io(io, blk, slot);
         return 0;
     }
     case VMM_BLK_T_FLUSH:
         rq->op = VMM_OP_FLUSH;
+        vmm_start_io(io, blk, slot);
         return 0;
     case VMM_BLK_T_GET_ID: {
         uint64_t n = data_in < VMM_BLK_ID_BYTES ? data_in : VMM_BLK_ID_BYTES;
         rq->written = vmm_segs_write(x->q.mem, wsegs, c->nw, 0, blk->serial, n);
         rq->status = VMM_BLK_S_OK;
-        return 0;
+        goto done;
     }
     case VMM_BLK_T_DISCARD:
     case VMM_BLK_T_WRITE_ZEROES:
         rq->status = vmm_blk_discard(x, c, rtype, data_out);
-        return 0;
+        goto done;
     default:
         rq->status = VMM_BLK_S_UNSUPP;
-        return 0;
+        goto done;
     }
+done:
+    vmm_done_push(io, slot);
+    return 0;
 }
 
 /* Whether the driver wants an interrupt for what was used since the last
@@ -1163,19 +1299,21 @@ static int vmm_q_needs_interrupt(struct vmm_q *q)
     return !(__atomic_load_n((const uint16_t *)q->avail, __ATOMIC_RELAXED) & VMM_AVAIL_F_NO_INTERRUPT);
 }
 
-/* Serve every chain posted on the queue (VirtioDevice.process_queue): pop,
- * check and start a batch of requests, answer them in order, re-arm
- * avail_event and look again until the driver posts nothing more.
- * Returns 1 if the driver wants an interrupt, 0 if not, or -1 when the driver
- * broke the protocol (err says how; the device must go to NEEDS_RESET). Chains
- * taken before the bad one are still answered, as the Python path does. */
-static int vmm_blk_process(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
-                           char *err, size_t errlen)
+/* Take every chain posted on the queue, up to the free request slots: check
+ * each as the Python path does, start its I/O without waiting (or answer it
+ * at once: errors, GET_ID, DISCARD and WRITE_ZEROES), re-arm avail_event and
+ * look again until the driver posts nothing more. Nothing is answered here:
+ * vmm_blk_complete() writes the used ring. Returns 0, or -1 when the driver
+ * broke the protocol (err says how; the device must go to NEEDS_RESET): then
+ * every I/O started has finished before it returns, so that the next
+ * vmm_blk_complete() answers all the chains taken before the bad one. */
+static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                          char *err, size_t errlen)
 {
     if (err && errlen)
         err[0] = 0;
-    if (!mem || !vq || !blk)
-        return vmm_fail(err, errlen, "internal error: missing memory, queue or backend");
+    if (!mem || !vq || !blk || !io)
+        return vmm_fail(err, errlen, "internal error: missing memory, queue, backend or executor");
     struct vmm_ctx x;
     memset(&x, 0, sizeof(x));
     if (vmm_q_setup(&x.q, mem, vq, err, errlen))
@@ -1183,28 +1321,23 @@ static int vmm_blk_process(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_bl
     x.blk = blk;
     x.io = io;
     uint32_t size = x.q.size;
-    x.b.cap = io && io->kind != VMM_IO_SYNC && io->depth < size ? io->depth : size;
-    /* A chain has at most size segments; flushing the batch whenever fewer
-     * than that are free means a chain always fits. */
-    x.b.iov_cap = 2 * size;
-    x.segs = malloc(sizeof(*x.segs) * size);
-    x.b.reqs = malloc(sizeof(*x.b.reqs) * x.b.cap);
-    x.b.idx = malloc(sizeof(*x.b.idx) * x.b.cap);
-    x.b.iov = malloc(sizeof(*x.b.iov) * x.b.iov_cap);
-    x.b.ioreg = malloc(sizeof(*x.b.ioreg) * x.b.iov_cap);
-    int rc = 0;
-    if (!x.segs || !x.b.reqs || !x.b.idx || !x.b.iov || !x.b.ioreg) {
-        rc = vmm_fail(err, errlen, "internal error: out of memory for a queue of %u", size);
-        goto out;
+    if (io->segs_cap < size) {
+        struct vmm_seg *s = realloc(io->segs, sizeof(*s) * size);
+        if (!s)
+            return vmm_fail(err, errlen, "internal error: out of memory for a queue of %u", size);
+        io->segs = s;
+        io->segs_cap = size;
     }
-    for (;;) {
+    x.segs = io->segs;
+    io->starved = 0;
+    int rc = 0;
+    while (!rc && !io->starved) {
         uint32_t pending;
         if (vmm_q_pending(&x.q, &pending, err, errlen)) {
             rc = -1;
             break;
         }
         if (!pending) {
-            vmm_complete_batch(&x);
             /* Ask for a notification past what was taken, then look again:
              * a driver that posted meanwhile may have read the old value. */
             if (vq->event_idx) {
@@ -1220,8 +1353,11 @@ static int vmm_blk_process(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_bl
                 break;
         }
         for (; pending; pending--) {
-            if (x.b.n == x.b.cap || x.b.iov_cap - x.b.iov_used < size)
-                vmm_complete_batch(&x);
+            if (!io->nfree) {
+                /* Every slot is in flight: vmm_blk_complete() says when to come back. */
+                io->starved = 1;
+                break;
+            }
             uint16_t head = __atomic_load_n((const uint16_t *)(x.q.avail + 4 + 2ull * (vq->next_avail % size)),
                                             __ATOMIC_RELAXED);
             vq->next_avail++;
@@ -1231,17 +1367,109 @@ static int vmm_blk_process(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_bl
                 break;
             }
         }
-        if (rc)
-            break;
     }
-    vmm_complete_batch(&x);
-    if (rc == 0)
-        rc = vmm_q_needs_interrupt(&x.q);
-out:
-    free(x.segs);
-    free(x.b.reqs);
-    free(x.b.idx);
-    free(x.b.iov);
-    free(x.b.ioreg);
+#ifdef VMM_HAVE_URING
+    if (io->kind == VMM_IO_URING)
+        vmm_uring_flush(io, blk);
+#endif
+    if (rc)
+        vmm_blk_wait(io, blk);
+    return rc;
+}
+
+/* Answer every request whose result is known, in the order they finished:
+ * status byte and used entry each, then used.idx once (release). Never
+ * blocks. Returns -1 if the rings are no longer in guest RAM (the finished
+ * requests are then dropped: nobody can be told), else a bit mask: 1 if the
+ * driver wants an interrupt, 2 if chains are waiting for a free slot (call
+ * vmm_blk_submit() again). */
+static int vmm_blk_complete(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                            char *err, size_t errlen)
+{
+    if (err && errlen)
+        err[0] = 0;
+    if (!mem || !vq || !blk || !io)
+        return vmm_fail(err, errlen, "internal error: missing memory, queue, backend or executor");
+    if (io->efd >= 0) {
+        /* Consume the signal before reaping: a completion after the reap
+         * signals again, so none is missed. */
+        uint64_t v;
+        ssize_t r;
+        do
+            r = read(io->efd, &v, sizeof(v));
+        while (r < 0 && errno == EINTR);
+    }
+#ifdef VMM_HAVE_URING
+    if (io->kind == VMM_IO_URING)
+        vmm_uring_reap(io, blk);
+#endif
+    uint32_t n;
+    if (io->kind == VMM_IO_THREADS)
+        pthread_mutex_lock(&io->lock);
+    n = io->done_n;
+    for (uint32_t i = 0; i < n; i++)
+        io->take[i] = io->done[(io->done_head + i) % io->depth];
+    io->done_head = (io->done_head + n) % io->depth;
+    io->done_n = 0;
+    if (io->kind == VMM_IO_THREADS)
+        pthread_mutex_unlock(&io->lock);
+
+    struct vmm_q q;
+    int bad = vmm_q_setup(&q, mem, vq, err, errlen);
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t slot = io->take[i];
+        struct vmm_req *rq = &io->slots[slot];
+        if (!bad) {
+            if (rq->op == VMM_OP_READ) {
+                /* Mark what landed, even on a short or failed read: it is in guest memory now. */
+                uint64_t left = rq->done;
+                for (uint32_t k = 0; k < rq->iovcnt && left; k++) {
+                    struct vmm_ioreg *g = &rq->ioreg[k];
+                    uint64_t take = g->len < left ? g->len : left;
+                    vmm_mark(mem, g->r, g->off, take);
+                    left -= take;
+                }
+            }
+            if (rq->op == VMM_OP_FLUSH && rq->res == 0 && io->kind == VMM_IO_URING && rq->gen != io->late_writes) {
+                /* A write before this FLUSH was finished synchronously after
+                 * its CQE, maybe after the fsync ran: make it durable too. */
+                vmm_req_run(blk, blk->bounce, blk->bounce_len, rq);
+            }
+            if (rq->op != VMM_OP_DONE) {
+                if (rq->res < 0) {
+                    vmm_io_error(blk, rq->res);
+                    rq->status = VMM_BLK_S_IOERR;
+                } else if (rq->op != VMM_OP_FLUSH && rq->done != rq->len) {
+                    rq->status = VMM_BLK_S_IOERR;  /* short transfer: the image shrank? */
+                } else {
+                    rq->status = VMM_BLK_S_OK;
+                    rq->written = rq->op == VMM_OP_READ ? rq->len : 0;
+                }
+            }
+            __atomic_store_n(rq->status_host, rq->status, __ATOMIC_RELAXED);
+            vmm_mark(mem, rq->status_r, rq->status_off, 1);
+            uint64_t used_len = rq->written + 1;
+            uint32_t us = vq->next_used % q.size;
+            uint32_t *elem = (uint32_t *)(q.used + 4 + 8ull * us);
+            __atomic_store_n(&elem[0], (uint32_t)rq->head, __ATOMIC_RELAXED);
+            __atomic_store_n(&elem[1], used_len > UINT32_MAX ? UINT32_MAX : (uint32_t)used_len, __ATOMIC_RELAXED);
+            vmm_mark(mem, q.used_r, q.used_off + 4 + 8ull * us, 8);
+            vq->next_used++;
+        }
+        rq->state = VMM_SLOT_FREE;
+        io->free_slots[io->nfree++] = slot;
+    }
+    if (bad)
+        return -1;
+    if (n) {
+        /* Release: the driver that sees the new used.idx sees the entries,
+         * the status bytes and the data (virtio 2.7.13.3). */
+        __atomic_store_n((uint16_t *)(q.used + 2), vq->next_used, __ATOMIC_RELEASE);
+        vmm_mark(mem, q.used_r, q.used_off + 2, 2);
+        blk->requests += n;
+    }
+    int rc = vmm_q_needs_interrupt(&q);
+    if (io->starved && io->nfree)
+        rc |= 2;
     return rc;
 }

@@ -18,7 +18,8 @@ def cmd_lab(args) -> int:
     argv = list(args.command)
     if argv and argv[0] == "--":
         argv = argv[1:]
-    return run_in_lab(argv, shares=args.share, memory=args.memory, cpus=args.cpus, timeout=args.timeout)
+    return run_in_lab(argv, shares=args.share, memory=args.memory, cpus=args.cpus, timeout=args.timeout,
+                      scratch=args.scratch)
 
 
 def cmd_run(args) -> int:
@@ -26,21 +27,163 @@ def cmd_run(args) -> int:
     from .plugins import Plugins
     from .vm import Vm
     plugins = Plugins()
-    spec = load_config(args.config, device_kinds={k: v.schema for k, v in plugins.kinds.items()},
-                       features={k: v.schema for k, v in plugins.features.items()})
+    spec = load_config(args.config, device_kinds=plugins.device_schemas(), features=plugins.feature_schemas(),
+                       hints=plugins.hints())
     if spec.plugins.disable:
+        # Read the file again without the disabled plugins, so that using one of their kinds is an error here.
         plugins = Plugins(disable=spec.plugins.disable)
+        spec = load_config(args.config, device_kinds=plugins.device_schemas(),
+                           features=plugins.feature_schemas(), hints=plugins.hints())
     plugins.warn_broken()
-    while True:
-        vm = Vm(spec, plugins=plugins, exec_command=args.exec_, progress=_progress)
+    spec = _with_api_sock(spec, args.api_sock)
+    server = None
+    if spec.api.socket:
+        # Before anything boots: a socket that a live VM serves is an error now, not after the boot.
+        from .api import make_server
+        server = make_server(spec.api.socket, plugins)
+    try:
+        while True:
+            vm = Vm(spec, plugins=plugins, exec_command=args.exec_, progress=_progress)
+            if server is not None:
+                server.start(vm)  # the same socket across guest reboots; each boot is a new Vm
+            try:
+                status = vm.run()
+            finally:
+                vm.close()
+            if vm.stop_reason == "reboot" and spec.machine.on_reboot == "restart":
+                _progress("the guest rebooted: starting it again ([machine] on_reboot = \"restart\")")
+                continue
+            return status
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _with_api_sock(spec, path):
+    """The spec with ``--api-sock PATH`` in its [api] table (the command line wins over the file)."""
+    if not path:
+        return spec
+    import attrs
+    from .config import ApiSpec
+    from .schema import ConfigError, FieldError
+    try:
+        return attrs.evolve(spec, api=ApiSpec(socket=path))
+    except FieldError as exc:
+        raise ConfigError(f"--api-sock: {exc.message}") from None
+
+
+# ----- vmmkit ctl -----
+
+def _format_size(n: int) -> str:
+    from .config import format_size
+    return format_size(n)
+
+
+def _print_info(info: dict) -> None:
+    config = info.get("config") or {}
+    boot = config.get("boot") or {}
+    print(f"state:    {info['state']}")
+    print(f"vcpus:    {info['vcpus']}")
+    print(f"memory:   {_format_size(info['memory'])}")
+    print(f"config:   {config.get('source') or '(built in Python)'}")
+    print(f"kernel:   {boot.get('kernel') or '(the default guest)'}")
+    if info.get("shutdown_requested_at"):
+        import time
+        ago = max(0.0, time.time() - info["shutdown_requested_at"])
+        print(f"shutdown: power button pressed {ago:.0f} s ago")
+    print(f"pid:      {info['pid']}")
+    devices = info.get("devices") or []
+    if not devices:
+        print("devices:  (none)")
+    for number, dev in enumerate(devices):
+        label = "devices:" if number == 0 else ""
+        kind = dev.get("kind") or "?"
+        where = ""
+        if dev.get("mmio_base") is not None:
+            where = f"  {dev['transport']} {dev['mmio_base']:#x}+{dev['mmio_size']:#x}  gsi {dev['gsi']}"
+        print(f"{label:<10}{dev['id']} ({kind}){where}")
+
+
+def _ctl_info(client, args) -> int:
+    info = client.call("GET", "/vm")
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_info(info)
+    return 0
+
+
+def _ctl_action(method: str, path: str, done: str):
+    def run(client, args) -> int:
+        result = client.call(method, path)
+        if args.json:
+            print(json.dumps(result, indent=2))
+        else:
+            print(done.format(**result) if isinstance(result, dict) else done)
+        return 0
+    return run
+
+
+def _ctl_call(client, args) -> int:
+    body = None
+    if args.body is not None:
         try:
-            status = vm.run()
-        finally:
-            vm.close()
-        if vm.stop_reason == "reboot" and spec.machine.on_reboot == "restart":
-            _progress("the guest rebooted: starting it again ([machine] on_reboot = \"restart\")")
-            continue
-        return status
+            body = json.loads(args.body)
+        except ValueError as exc:
+            raise VmmkitError(f"ctl call: the body is not JSON: {exc}") from None
+    path = args.path if args.path.startswith("/") else "/" + args.path
+    result = client.call(args.method.upper(), path, body)
+    print(json.dumps(result, indent=2 if args.json else None))
+    return 0
+
+
+def cmd_ctl(args) -> int:
+    from .api.client import ApiClient, ApiClientError
+    if not args.api_sock:
+        raise ApiClientError("ctl: give the VM's API socket with --api-sock PATH")
+    client = ApiClient(args.api_sock, timeout=args.timeout)
+    return args.ctl_func(client, args)
+
+
+def _add_ctl_parser(sub, plugins=None) -> None:
+    ctl = sub.add_parser("ctl", help="control a running VM through its API socket (vmmkit run --api-sock)",
+                         description="Talk to a running VM's control API (docs/api.yaml). Exit status 0 on "
+                         "success, 1 when the API is unreachable or refuses the request.")
+
+    def common(p, suppress: bool) -> None:
+        default = argparse.SUPPRESS if suppress else None
+        p.add_argument("--api-sock", metavar="PATH", default=default,
+                       help="the socket given to vmmkit run --api-sock (or [api] socket)")
+        p.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress else False,
+                       help="print the API's JSON answer")
+        p.add_argument("--timeout", type=float, metavar="SECONDS", default=argparse.SUPPRESS if suppress else 30.0,
+                       help="give up on an answer after this long (default 30)")
+
+    common(ctl, suppress=False)
+    csub = ctl.add_subparsers(dest="ctl_verb", required=True, metavar="COMMAND")
+    verbs = [
+        ("info", "the VM's state, configuration and devices", _ctl_info),
+        ("pause", "stop every vCPU and device (the guest notices nothing when resumed)",
+         _ctl_action("PUT", "/vm/pause", "{state}")),
+        ("resume", "continue a paused VM where it stopped", _ctl_action("PUT", "/vm/resume", "{state}")),
+        ("shutdown", "press the ACPI power button: the guest shuts itself down",
+         _ctl_action("PUT", "/vm/shutdown", "power button pressed: the guest is shutting down")),
+        ("stop", "stop the VM at once (no guest shutdown)", _ctl_action("PUT", "/vm/stop", "{state}")),
+    ]
+    for name, help_text, func in verbs:
+        p = csub.add_parser(name, help=help_text, description=help_text)
+        common(p, suppress=True)
+        p.set_defaults(ctl_func=func)
+    call = csub.add_parser("call", help="send any request (plugin routes): METHOD PATH [JSON-BODY]",
+                           description="Send one request to the API and print the JSON answer.")
+    common(call, suppress=True)
+    call.add_argument("method", help="GET, PUT, ...")
+    call.add_argument("path", help="e.g. /vm")
+    call.add_argument("body", nargs="?", help="a JSON request body")
+    call.set_defaults(ctl_func=_ctl_call)
+    if plugins is not None:
+        plugins.call("vmmkit_ctl_commands", subparsers=csub)
+    ctl.set_defaults(func=cmd_ctl)
 
 
 def cmd_plugins(args) -> int:
@@ -92,26 +235,34 @@ def cmd_guest_show(args) -> int:
     return 0
 
 
-def make_parser() -> argparse.ArgumentParser:
-    """The argument parser, with one subcommand per verb."""
+def make_parser(ctl_plugins=None) -> argparse.ArgumentParser:
+    """The argument parser, with one subcommand per verb (*ctl_plugins*: add the plugins' ctl commands)."""
     parser = argparse.ArgumentParser(prog="vmmkit", description="A KVM virtual machine monitor built from plugins.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     run = sub.add_parser("run", help="boot a VM described by a TOML file",
                          description="Boot the VM that CONFIG describes, on this host's KVM. With --exec, the "
                          "default guest runs CMD, its output streams to stdout, and vmmkit exits with CMD's status. "
-                         "Exit statuses: 0 guest powered off, 2 the VM could not start, 3 guest rebooted, "
+                         "Exit statuses: 0 guest powered off (or stopped with vmmkit ctl stop), 2 the VM could not start, 3 guest rebooted, "
                          "1 the VM failed while running, 125 the guest stopped before --exec reported a status.")
     run.add_argument("config", help="the VM's TOML file (see examples/minimal.toml)")
     run.add_argument("--exec", dest="exec_", metavar="CMD", help="run CMD (a shell command line) in the guest and exit with its status")
+    run.add_argument("--api-sock", metavar="PATH", default=None,
+                     help="serve the control API on this Unix socket (see vmmkit ctl; overrides [api] socket)")
     run.set_defaults(func=cmd_run)
+
+    _add_ctl_parser(sub, ctl_plugins)
 
     lab = sub.add_parser("lab", help="run a command inside the KVM lab (an emulated machine with real KVM)",
                          description="Run CMD inside the KVM lab: an emulated x86 machine whose /dev/kvm is "
                          "ordinary KVM. Needed on hosts without hardware virtualization (PVM hosts, "
                          "containers, CI runners). The host's root is visible read-only with a scratch "
-                         "overlay; --share makes host directories writable inside.")
+                         "overlay; --share makes host directories writable inside; --scratch adds an empty "
+                         "ext4 disk at /scratch (a real filesystem, e.g. for O_DIRECT).")
     lab.add_argument("--share", action="append", default=[], metavar="DIR", help="host directory writable inside the lab")
+    lab.add_argument("--scratch", metavar="SIZE", default=None,
+                     help="attach a fresh ext4 disk of SIZE (e.g. 4G) mounted at /scratch inside; "
+                     "a sparse file on the host, deleted afterwards")
     lab.add_argument("--memory", default="8G", help="lab memory (default 8G)")
     lab.add_argument("--cpus", type=int, default=2, help="lab vCPUs (default 2)")
     lab.add_argument("--timeout", type=float, default=None, help="kill the lab after this many seconds")
@@ -138,7 +289,13 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vmmkit` command; user errors print one line, no traceback."""
-    parser = make_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    ctl_plugins = None
+    if "ctl" in argv:
+        from .plugins import Plugins
+        ctl_plugins = Plugins()  # only ctl needs them at parse time: for their ctl commands
+    parser = make_parser(ctl_plugins)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -20,6 +20,9 @@ A file looks like this (every section is optional)::
     [plugins]
     disable = ["name"]
 
+    [api]
+    socket = "vm.sock"       # serve the control API (HTTP + JSON) on this Unix socket
+
     [[device]]               # zero or more
     kind = "blk"             # resolved through the device-kind registry
     id = "rootfs"            # optional, unique; generated as kind + number
@@ -65,6 +68,7 @@ __all__ = [
     "BootSpec",
     "SerialSpec",
     "PluginsSpec",
+    "ApiSpec",
     "DeviceSpec",
     "VmSpec",
     "CORE_TABLES",
@@ -149,6 +153,35 @@ class PluginsSpec:
     disable: Tuple[str, ...] = attrs.field(default=(), validator=_plugin_names)
 
 
+#: sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+
+
+def _socket_path(instance: Any, attribute: Any, value: Optional[str]) -> None:
+    if value is None:
+        return
+    if os.path.isdir(value):
+        raise ValueError(f"expected a socket path, found the directory {value!r}")
+    if len(os.fsencode(value)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the socket path {value!r} is {len(os.fsencode(value))} bytes long; "
+            f"Unix sockets allow at most {MAX_SOCKET_PATH}: choose a shorter path"
+        )
+
+
+@spec
+class ApiSpec:
+    """The control API (see docs/api.yaml): HTTP/1.1 with JSON bodies on a Unix socket.
+
+    ``socket`` is the socket's path (absolute once built; relative to the
+    TOML file's directory), created owner-only (0600) when the VM starts and
+    removed when it exits. ``None`` (the default) serves no API.
+    ``vmmkit run --api-sock PATH`` sets it from the command line.
+    """
+
+    socket: Optional[Path] = attrs.field(default=None, validator=_socket_path)
+
+
 # Device ids end up in log lines, file names and kernel command lines, so keep
 # them to characters that need no quoting anywhere.
 _ID_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -221,12 +254,13 @@ def _assign_ids(devices: Any) -> Tuple[DeviceSpec, ...]:
 
 
 #: Top-level tables with a fixed meaning; every other table is a feature table.
-CORE_TABLES = ("boot", "device", "machine", "plugins", "serial")
+CORE_TABLES = ("api", "boot", "device", "machine", "plugins", "serial")
 _SECTIONS = {
     "machine": MachineSpec,
     "boot": BootSpec,
     "serial": SerialSpec,
     "plugins": PluginsSpec,
+    "api": ApiSpec,
 }
 
 
@@ -253,6 +287,7 @@ class VmSpec:
     boot: BootSpec = attrs.field(factory=BootSpec)
     serial: SerialSpec = attrs.field(factory=SerialSpec)
     plugins: PluginsSpec = attrs.field(factory=PluginsSpec)
+    api: ApiSpec = attrs.field(factory=ApiSpec)
     devices: Tuple[DeviceSpec, ...] = attrs.field(default=(), converter=_assign_ids)
     features: Dict[str, Any] = attrs.field(factory=dict, validator=_check_features)
     source: Optional[str] = None
@@ -272,6 +307,7 @@ class VmSpec:
         boot: Union[BootSpec, Mapping[str, Any], None] = None,
         serial: Union[SerialSpec, Mapping[str, Any], None] = None,
         plugins: Union[PluginsSpec, Mapping[str, Any], None] = None,
+        api: Union[ApiSpec, Mapping[str, Any], None] = None,
         devices: Iterable[Union[DeviceSpec, Mapping[str, Any]]] = (),
         features: Optional[Mapping[str, Any]] = None,
         device_kinds: Optional[Mapping[str, type]] = None,
@@ -289,7 +325,7 @@ class VmSpec:
         """
         ctx = _Parser(None, base_dir, device_kinds, feature_types, hints)
         sections = {}
-        given = {"machine": machine, "boot": boot, "serial": serial, "plugins": plugins}
+        given = {"machine": machine, "boot": boot, "serial": serial, "plugins": plugins, "api": api}
         for name, value in given.items():
             if value is None:
                 continue

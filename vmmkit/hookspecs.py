@@ -59,17 +59,27 @@ def vmmkit_vm_started(vm):
 
 @hookspec
 def vmmkit_vm_paused(vm):
-    """Every vCPU and device worker has stopped touching guest memory."""
+    """Every vCPU and virtio device worker has stopped touching guest memory (``vm.pause()``).
+
+    Called in the thread that paused the VM (an API thread for
+    ``PUT /vm/pause``). A plugin with workers of its own that are not virtio
+    devices (input forwarding, a host-side proxy) stops them here, before
+    this returns, and restarts them in :func:`vmmkit_vm_resumed`.
+    """
 
 
 @hookspec
 def vmmkit_vm_resumed(vm):
-    """The VM runs again after a pause."""
+    """The VM runs again after a pause (devices resumed, vCPUs released)."""
 
 
 @hookspec
 def vmmkit_vm_stopping(vm, reason):
-    """The VM is about to stop (``reason``: "poweroff", "reboot", "error", "signal"); release host resources."""
+    """The VM is about to stop; release host resources.
+
+    ``reason``: "poweroff", "reboot", "error", "signal", "exec-done" (the
+    ``--exec`` command reported its status) or "stop" (``PUT /vm/stop``).
+    """
 
 
 @hookspec
@@ -88,7 +98,46 @@ def vmmkit_cli_commands(subparsers):
 
 @hookspec
 def vmmkit_api_routes():
-    """Contribute control-API routes: return a list of ``(method, path, handler)``."""
+    """Contribute control-API routes: return a list of ``(method, path, handler)``.
+
+    ``method`` is an upper-case HTTP method (``"GET"``, ``"PUT"``), ``path`` an
+    exact path (no patterns; use a query string for arguments), conventionally
+    under ``/vm/<plugin>/``. A path and method that another plugin or the core
+    already serves stops vmmkit before the VM boots.
+
+    ``handler(vm, request)`` runs in an API thread (role ``api``), one per
+    client connection, concurrently with the vCPUs, the devices and other
+    requests: guard what it shares. ``vm`` is the running
+    :class:`vmmkit.vm.Vm`; ``request`` is a :class:`vmmkit.api.Request` with
+    ``method``, ``path``, ``query`` (``{name: [values]}``), ``headers``
+    (lower-case names), ``body`` (bytes, at most 64 KiB) and ``json()``
+    (the parsed body or None; malformed JSON answers 400 by itself).
+
+    Return a JSON-serializable value (sent with status 200) or a
+    ``(status, value)`` pair. Raise :class:`vmmkit.api.ApiError(status,
+    message)` for an error; the client gets ``{"error": message}``. Any other
+    exception is a bug: the answer is 500 and it is logged. Keep handlers
+    short (the client waits; the VM never does) and never let one wait for
+    a vCPU that may be paused.
+
+    Document the routes for your users the way ``docs/api.yaml`` documents
+    the core's, and add ``vmmkit ctl`` commands for them with
+    :func:`vmmkit_ctl_commands`; ``vmmkit ctl call METHOD PATH [JSON]``
+    reaches any route without one.
+    """
+
+
+@hookspec
+def vmmkit_ctl_commands(subparsers):
+    """Add ``vmmkit ctl`` subcommands for this plugin's API routes.
+
+    Call ``subparsers.add_parser(name, help=...)`` and
+    ``set_defaults(ctl_func=func)``; vmmkit calls ``func(client, args)``
+    where ``client`` is a :class:`vmmkit.api.client.ApiClient` on the
+    ``--api-sock`` socket (``client.call(method, path, body)`` returns the
+    parsed JSON or raises with the API's error message) and ``args.json``
+    says whether ``--json`` was given. Return the exit status (0 for success).
+    """
 
 
 @hookspec

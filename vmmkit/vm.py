@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from . import exitcodes, threads
 from ._native import lib
@@ -55,6 +56,16 @@ class IrqLine:
         self.event.signal()
 
 
+class VmStateError(VmmkitError):
+    """A lifecycle request that the VM's current state does not allow (pause while stopping, ...)."""
+
+    exit_code = 1
+
+
+#: What :attr:`Vm.state` can be.
+STATES = ("starting", "running", "paused", "stopping", "stopped")
+
+
 class Vm:
     """A virtual machine built from a VmSpec.
 
@@ -82,6 +93,19 @@ class Vm:
         self.vcpus = []
         self._vcpu_threads = []
         self._built = False
+        # Pause and resume (see pause()): one lifecycle request at a time; the
+        # vCPU threads park on _park_cond while _pause_requested is set.
+        self._lifecycle_lock = threading.RLock()
+        self._park_cond = threading.Condition()
+        self._pause_requested = False
+        self._parked = 0
+        self._paused = False
+        self._started = False
+        self._finished = False
+        self._device_ids: dict[int, str] = {}  # id(transport) -> the [[device]] id it belongs to
+        self.power_button = None
+        #: time.time() of the last power-button press (graceful shutdown request), or None.
+        self.shutdown_requested_at: float | None = None
         # Every thread vmmkit starts from now on tells the plugins (seccomp installs its filter there).
         threads.add_thread_start_callback(self._thread_started)
 
@@ -139,10 +163,16 @@ class Vm:
         return write
 
     def request_stop(self, reason: str, detail: str = "") -> None:
-        """Stop the VM ("poweroff", "reboot", "error", "signal", "exec-done"); the first reason wins."""
+        """Stop the VM ("poweroff", "reboot", "error", "signal", "exec-done", "stop"); the first reason wins."""
         if self.stop_reason is None:
             self.stop_reason, self.stop_detail = reason, detail
         self.stop_event.set()
+        with self._park_cond:
+            self._park_cond.notify_all()  # parked vCPUs (a paused VM) leave too
+        self._kick_vcpus()
+
+    def _kick_vcpus(self) -> None:
+        """Make every vCPU leave KVM_RUN soon: immediate_exit, then a signal to its thread."""
         for vcpu in self.vcpus:
             vcpu.request_exit()
         for t in self._vcpu_threads:
@@ -151,6 +181,138 @@ class Vm:
                     signal.pthread_kill(t.ident, KICK_SIGNAL)
                 except (ProcessLookupError, OSError):
                     pass
+
+    # ----- lifecycle control (the control API's verbs) -----
+    @property
+    def state(self) -> str:
+        """"starting", "running", "paused", "stopping" or "stopped" (one of :data:`STATES`)."""
+        if self._finished:
+            return "stopped"
+        if self.stop_event.is_set():
+            return "stopping"
+        if not self._started:
+            return "starting"
+        return "paused" if self._paused else "running"
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stop every vCPU and device worker; return once they have all stopped (contract 3).
+
+        Each vCPU leaves KVM_RUN (a kick), completes the exit it was handling
+        (an MMIO or port read's data goes back to KVM first) and parks; then
+        every virtio device's worker pauses. Nothing touches guest memory until
+        :meth:`resume`, which continues exactly where the guest stopped. Pausing
+        a paused VM does nothing. Raises :class:`VmStateError` when the VM is
+        not running, and :class:`VmmkitError` (the VM left running) when a vCPU
+        or a device does not stop within *timeout* seconds.
+        """
+        with self._lifecycle_lock:
+            state = self.state
+            if state == "paused":
+                return
+            if state != "running":
+                raise VmStateError(f"the VM is {state}: only a running VM can be paused")
+            with self._park_cond:
+                self._pause_requested = True
+            self._kick_vcpus()
+            with self._park_cond:
+                parked = self._park_cond.wait_for(
+                    lambda: self._parked >= len(self.vcpus) or self.stop_event.is_set(), timeout)
+                missing = len(self.vcpus) - self._parked
+            if self.stop_event.is_set() or not parked:
+                self._release_vcpus()
+                if self.stop_event.is_set():
+                    raise VmStateError("the VM is stopping: it cannot be paused")
+                raise VmmkitError(f"pause failed: {missing} vCPU(s) did not stop within {timeout:g} s")
+            paused = []
+            for transport in self.virtio_transports:
+                if not transport.device.pause():
+                    for other in paused:
+                        other.device.resume()
+                    self._release_vcpus()
+                    raise VmmkitError(f"pause failed: device {self._device_label(transport)} did not stop")
+                paused.append(transport)
+            self._paused = True
+            # Inside the lock, so that a concurrent resume cannot report before this pause.
+            self.plugins.call("vmmkit_vm_paused", vm=self)
+
+    def resume(self) -> None:
+        """Undo :meth:`pause`: devices first, then the vCPUs. Resuming a running VM does nothing."""
+        with self._lifecycle_lock:
+            state = self.state
+            if state == "running":
+                return
+            if state != "paused":
+                raise VmStateError(f"the VM is {state}: only a paused VM can be resumed")
+            for transport in self.virtio_transports:
+                transport.device.resume()
+            self._release_vcpus()
+            self._paused = False
+            self.plugins.call("vmmkit_vm_resumed", vm=self)
+
+    def _release_vcpus(self) -> None:
+        with self._park_cond:
+            self._pause_requested = False
+            self._park_cond.notify_all()
+
+    def _park(self, vcpu) -> None:
+        """Called in a vCPU thread after KVM_RUN returned EINTR with a pause requested.
+
+        EINTR from KVM_RUN means KVM has completed the last exit (the data of an
+        MMIO or port read is in the guest's registers), so nothing is in flight.
+        """
+        with self._park_cond:
+            self._parked += 1
+            self._park_cond.notify_all()
+            self._park_cond.wait_for(lambda: not self._pause_requested or self.stop_event.is_set())
+            self._parked -= 1
+            self._park_cond.notify_all()
+
+    def press_power_button(self) -> None:
+        """Graceful shutdown: press the ACPI power button; the guest decides what to do.
+
+        The DSDT's Generic Event Device turns an edge on its GSI into
+        ``Notify(\\_SB.PWRB, 0x80)``, which Linux's ACPI button driver reports
+        as KEY_POWER; the default guest's acpid then powers off. A guest that
+        ignores the button keeps running (use :meth:`stop`). Raises
+        :class:`VmStateError` unless the VM is running (a paused guest could
+        not react).
+        """
+        with self._lifecycle_lock:
+            state = self.state
+            if state != "running":
+                raise VmStateError(f"the VM is {state}: the power button works on a running VM"
+                                   + (" (resume it first, or stop it)" if state == "paused" else ""))
+            self.power_button.trigger()
+            self.shutdown_requested_at = time.time()
+
+    def stop(self) -> None:
+        """Stop the VM at once, as if its power were cut (reason "stop"); works in any state."""
+        self.request_stop("stop", "stopped through the control API")
+
+    def device_info(self) -> list[dict]:
+        """The VM's devices: each virtio transport with its [[device]] id and kind, MMIO window and GSI."""
+        out = []
+        kinds = {d.id: d.kind for d in self.spec.devices}
+        for transport, desc in zip(self.virtio_transports, self.mmio_devices):
+            dev_id = self._device_ids.get(id(transport))
+            out.append({
+                "id": dev_id if dev_id is not None else f"virtio-{transport.device.name}",
+                "kind": kinds.get(dev_id) if dev_id is not None else None,
+                "transport": "virtio-mmio",
+                "virtio_id": transport.device.device_id,
+                "mmio_base": desc.base,
+                "mmio_size": desc.size,
+                "gsi": desc.gsi,
+            })
+        listed = set(self._device_ids.values())
+        for dspec in self.spec.devices:
+            if dspec.id not in listed:  # a device kind that is not a virtio device
+                out.append({"id": dspec.id, "kind": dspec.kind, "transport": None, "virtio_id": None,
+                            "mmio_base": None, "mmio_size": None, "gsi": None})
+        return out
+
+    def _device_label(self, transport) -> str:
+        return self._device_ids.get(id(transport)) or f"virtio-{transport.device.name}"
 
     # ----- building -----
     def build(self) -> "Vm":
@@ -170,6 +332,9 @@ class Vm:
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")
         self.plugins.call("vmmkit_vm_setup_platform", vm=self)
+        # The power button: an edge on the GED's GSI (see vmmkit.boot.acpi), wired now so that
+        # pressing it later is one eventfd write from any thread.
+        self.power_button = self.irq_line(acpi.AcpiLayout().ged_gsi)
         self._create_devices()
         self._load_guest()
         supported = self.kvm.supported_cpuid()
@@ -193,7 +358,10 @@ class Vm:
             kind = self.plugins.kinds.get(dspec.kind)
             if kind is None:
                 raise PluginError(f"device {dspec.id!r}: no plugin provides kind {dspec.kind!r}")
+            first = len(self.virtio_transports)
             self.devices[dspec.id] = kind.create(self, dspec)
+            for transport in self.virtio_transports[first:]:
+                self._device_ids[id(transport)] = dspec.id
 
     def _guest_files(self) -> tuple[str, str | None]:
         boot = self.spec.boot
@@ -266,6 +434,7 @@ class Vm:
         for vcpu in self.vcpus:
             t = threads.start_thread(threads.ROLE_VCPU, f"vcpu{vcpu.index}", self._vcpu_loop, vcpu)
             self._vcpu_threads.append(t)
+        self._started = True
         self.plugins.call("vmmkit_vm_started", vm=self)
         try:
             while not self.stop_event.wait(0.5):
@@ -274,9 +443,11 @@ class Vm:
             self.request_stop("signal", "interrupted")
         for t in self._vcpu_threads:
             t.join(timeout=5)
-        for transport in self.virtio_transports:
-            transport.device.reset()  # workers stop before the memory they use goes away
+        with self._lifecycle_lock:  # a pause or resume in progress finishes first
+            for transport in self.virtio_transports:
+                transport.device.reset()  # workers stop before the memory they use goes away
         self.plugins.call("vmmkit_vm_stopping", vm=self, reason=self.stop_reason)
+        self._finished = True
         return self._exit_status()
 
     def _exit_status(self) -> int:
@@ -285,6 +456,10 @@ class Vm:
             self.exec_stream.close()
             if self.exec_stream.status is not None:
                 return self.exec_stream.status
+            if reason == "stop":
+                print("vmmkit: stopped through the control API before the command reported its status",
+                      file=sys.stderr)
+                return exitcodes.NO_STATUS
             if reason == "error":
                 print(f"vmmkit: error: {self.stop_detail}", file=sys.stderr)
             tail = bytes(self.exec_stream.log[-2000:]).decode(errors="replace")
@@ -297,6 +472,8 @@ class Vm:
             return exitcodes.REBOOT
         if reason == "signal":
             return 130
+        if reason == "stop":
+            return exitcodes.POWEROFF  # stopped on request (the control API): not a failure
         print(f"vmmkit: error: {self.stop_detail}", file=sys.stderr)
         return exitcodes.VMM_FAILURE
 
@@ -321,6 +498,9 @@ class Vm:
         while not stop.is_set():
             ex = vcpu.run()
             if ex is None:
+                # A kick. EINTR means KVM has completed the previous exit, so a pause can take hold here.
+                if self._pause_requested:
+                    self._park(vcpu)
                 continue
             reason = ex.reason
             if reason == EXIT_IO:

@@ -9,7 +9,10 @@ reset. A host I/O error is the guest's IOERR, never a VMM failure.
 
 Two engines serve the queue. ``native`` (the default) runs the whole data
 path in C with the GIL released and many requests in flight
-(:mod:`.native`, ``native/virtio_blk.c``). ``python`` is
+(:mod:`.native`, ``native/virtio_blk.c``): a kick starts the I/O of every
+posted request, and each request is answered as soon as its I/O finishes
+(the executor's eventfd wakes the worker), not when the slowest of its
+batch does. Pause and reset first wait for what is in flight. ``python`` is
 :meth:`VirtioBlk.handle_chain` below: the readable reference the C path is
 tested against, and a debugging switch. Both answer every request alike.
 """
@@ -120,12 +123,18 @@ class VirtioBlk(VirtioDevice):
                 log.warning("vmmkit: %s: guest memory is a %s, not a GuestMemory: using the Python engine",
                             self.name, type(ctx.memory).__name__)
         super().activate(ctx)
+        if self._native_active:
+            self._loop.on_pause = self._quiesce
+            fd = self.native.eventfd
+            if fd >= 0:
+                self._loop.add(fd, self._on_io_done)
 
     def reset(self) -> None:
-        """Stop serving; free the native engine's executor once its thread is gone."""
+        """Stop serving; answer what is in flight, then free the native engine's executor."""
         worker = self._thread
+        ctx = self.ctx
         super().reset()
-        self._native_active = False
+        active, self._native_active = self._native_active, False
         if self.native is not None:
             if worker is not None and worker.is_alive() and worker is not threading.current_thread():
                 # Still inside C after the join timed out: its executor and
@@ -133,17 +142,69 @@ class VirtioBlk(VirtioDevice):
                 log.error("vmmkit: %s: the device thread did not stop; abandoning its I/O executor", self.name)
                 self.native.abandon()
                 self.native = self._new_native()
-            else:
-                self.native.close()
+                return
+            if active and ctx is not None:
+                # The worker is gone; requests it started may still be running.
+                # The driver is still waiting on the reset, so they are answered.
+                try:
+                    self.native.drain(ctx.memory, ctx.queues[0])
+                except QueueError as exc:
+                    log.debug("%s: requests in flight at reset could not be answered: %s", self.name, exc)
+            self.native.close()
+
+    def state(self):
+        """No device-specific state; refuses while requests are in flight (pause first)."""
+        if self.native is not None and self.native.inflight:
+            raise RuntimeError(f"{self.name}: state() with {self.native.inflight} requests in flight; pause first")
+        return super().state()
 
     def process_queue(self, index: int) -> None:
-        """Serve queue *index*: in C for the native engine, else chain by chain in Python."""
+        """Serve queue *index*: in C for the native engine, else chain by chain in Python.
+
+        The native engine starts the I/O of every posted request and answers
+        what has finished; the rest is answered by :meth:`_on_io_done`.
+        """
         if not self._native_active:
             super().process_queue(index)
             return
         ctx = self.ctx
+        if self._loop is not None and self._loop.on_pause is None:
+            self._loop.on_pause = self._quiesce
         if self.native.process(ctx.memory, ctx.queues[index]):
             ctx.signal_used()
+
+    def _on_io_done(self, _fd: int, _events: int) -> None:
+        """The executor's eventfd fired: answer what finished, take more chains if some wait for a slot."""
+        ctx = self.ctx
+        if ctx is None or not self._native_active:
+            return
+        queue = ctx.queues[0]
+        try:
+            irq, again = self.native.complete(ctx.memory, queue)
+            if again and self.broken is None:
+                irq |= self.native.process(ctx.memory, queue)
+        except QueueError as exc:
+            self.fail(f"queue 0: {exc}")
+            return
+        if irq:
+            ctx.signal_used()
+
+    def _quiesce(self) -> None:
+        """The worker's pause hook: wait for the requests in flight and answer them."""
+        ctx = self.ctx
+        if ctx is None or not self._native_active or not self.native.inflight:
+            return
+        try:
+            irq, again = self.native.drain(ctx.memory, ctx.queues[0])
+        except QueueError as exc:
+            self.fail(f"queue 0: {exc}")
+            return
+        if irq:
+            ctx.signal_used()
+        if again and ctx.notify_fds and ctx.notify_fds[0] is not None:
+            # Chains wait for the slots just freed and no completion will come
+            # to fetch them: a kick, served after resume, takes them.
+            ctx.notify_fds[0].signal()
 
     def device_features(self) -> int:
         """Sector-size, segment-limit and flush always; discard and zeroing unless read-only."""

@@ -1,22 +1,31 @@
 """The native engine of virtio-blk: the glue between :class:`VirtioBlk` and ``native/virtio_blk.c``.
 
-The C code serves a whole queue per call, GIL released: it walks and checks
-the chains exactly as :mod:`vmmkit.virtio.queue` does, runs the I/O, writes
-status bytes and used entries, re-arms ``avail_event`` and decides whether
-an interrupt is due. Python keeps the control plane:
+The C code serves the queue with the GIL released, in two halves:
+:meth:`NativeBlk.submit` takes every posted chain (up to the executor's
+request slots), checks it exactly as :mod:`vmmkit.virtio.queue` does and
+starts its I/O without waiting; :meth:`NativeBlk.complete` answers whatever
+has finished, in completion order (status bytes, used entries, used.idx),
+and decides whether an interrupt is due. The executor signals
+:attr:`NativeBlk.eventfd` when I/O finishes; the device's worker polls it.
+Python keeps the control plane:
 
 * the C view of guest memory (a table of regions) is rebuilt whenever the
   :class:`~vmmkit.memory.GuestMemory` publishes a new region table
-  (hotplug), checked at the start of every call;
+  (hotplug), checked at the start of every call; the mappings of an old
+  table stay pinned while requests that point into them are in flight;
 * the :class:`~vmmkit.virtio.queue.Virtqueue` state is copied in before each
   call and out after it, so snapshots, the transport and the Python engine
   all see one queue state;
 * the I/O executor (an io_uring, or a pool of threads where io_uring is
-  missing) is created when the device is activated and freed at reset;
+  missing) is created when the device is activated and freed at reset,
+  after :meth:`NativeBlk.drain` answered what was in flight;
 * a protocol violation comes back as :class:`~vmmkit.virtio.queue.QueueError`
   with the same message the Python engine gives, and the interrupt itself is
   raised by the caller (``ctx.signal_used()``), so InterruptStatus has one
   owner.
+
+Calls are serialised by a lock, so a thread other than the device worker
+(a test, the control plane at reset) may drain or complete safely.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from vmmkit._native import ffi, lib
@@ -64,8 +74,8 @@ class NativeBlk:
     GET_ID answer (at most 20 bytes). ``io`` picks the executor (see
     :data:`IO_MODES`; the others are for tests and debugging).
     ``on_io_errors(count, strerror)`` hears about host I/O errors the guest
-    was answered IOERR for. One device thread calls :meth:`process` at a
-    time; :meth:`open` and :meth:`close` happen while no call runs.
+    was answered IOERR for. :meth:`open` and :meth:`close` happen while no
+    other call runs; the others are serialised by a lock.
     """
 
     def __init__(self, disk, serial: bytes, *, io: str = "auto", threads: int = POOL_THREADS,
@@ -96,6 +106,8 @@ class NativeBlk:
         self._mem = ffi.new("struct vmm_mem *")
         self._table: Any = None     # the GuestMemory._table the C table was built from
         self._pins: List[Any] = []  # keeps the region mappings and bitmaps alive for C
+        self._retired: List[Any] = []  # pins of older tables that requests in flight may use
+        self._lock = threading.Lock()
         self._memory: Any = None
         self._errors_seen = 0
 
@@ -124,28 +136,97 @@ class NativeBlk:
             else:
                 log.warning("vmmkit: cannot set up %s I/O (%s): virtio-blk serves requests synchronously",
                             mode, why)
-        self._io, self.io_kind = ffi.NULL, "sync"
+        io = lib.vmm_blk_io_new(lib.VMM_IO_SYNC, depth, 0, err)
+        if io == ffi.NULL:
+            raise MemoryError(f"cannot set up virtio-blk I/O: {os.strerror(err[0])}")
+        self._io, self.io_kind = io, "sync"
         return "sync"
 
     def close(self) -> None:
-        """Free the executor and forget guest memory (after the device thread stopped)."""
-        io, self._io = self._io, ffi.NULL
-        if io != ffi.NULL:
-            lib.vmm_blk_io_free(io)  # joins the pool's threads, if any
-        self.io_kind = None
-        self._forget_memory()
+        """Free the executor and forget guest memory (after the device thread stopped).
+
+        Drain first (:meth:`drain`) to answer what is in flight; the C side
+        still waits for running I/O rather than free memory under it.
+        """
+        with self._lock:
+            io, self._io = self._io, ffi.NULL
+            if io != ffi.NULL:
+                lib.vmm_blk_io_free(io)  # waits for running I/O, joins the pool's threads
+            self.io_kind = None
+            self._forget_memory()
 
     def abandon(self) -> None:
         """Keep everything alive forever: the device thread is stuck inside C."""
         _abandoned.append(self)
 
     # ----- serving -----
-    def process(self, memory, queue) -> bool:
-        """Serve every chain posted on *queue*; return whether the driver wants an interrupt.
+    @property
+    def eventfd(self) -> int:
+        """The executor's completion eventfd (-1 when there is none: synchronous I/O or not open)."""
+        return lib.vmm_blk_io_eventfd(self._io) if self._io != ffi.NULL else -1
 
-        Raises :class:`QueueError` when the driver broke the protocol; the
-        chains taken before the bad one have been answered by then.
+    @property
+    def inflight(self) -> int:
+        """Requests taken from the queue and not answered yet."""
+        return lib.vmm_blk_inflight(self._io) if self._io != ffi.NULL else 0
+
+    def submit(self, memory, queue) -> None:
+        """Take every chain posted on *queue* and start its I/O; answer nothing yet.
+
+        Raises :class:`QueueError` when the driver broke the protocol; every
+        I/O of the chains taken before the bad one has finished by then, and
+        the next :meth:`complete` answers them.
         """
+        with self._lock:
+            self._call(lib.vmm_blk_submit, memory, queue)
+
+    def complete(self, memory, queue) -> "tuple[bool, bool]":
+        """Answer every request that has finished, without blocking.
+
+        Returns ``(interrupt, resubmit)``: whether the driver wants an
+        interrupt, and whether chains are waiting for a free request slot
+        (call :meth:`submit` again).
+        """
+        with self._lock:
+            rc = self._call(lib.vmm_blk_complete, memory, queue)
+            return bool(rc & 1), bool(rc & 2)
+
+    def process(self, memory, queue) -> bool:
+        """Submit, then answer what has already finished (more may finish later:
+        watch :attr:`eventfd`). Returns whether the driver wants an interrupt."""
+        irq = False
+        try:
+            while True:
+                self.submit(memory, queue)
+                wants, again = self.complete(memory, queue)
+                irq |= wants
+                if not again:
+                    return irq
+        except QueueError:
+            # The chains taken before the bad one are answered first, as the Python engine does.
+            try:
+                self.complete(memory, queue)
+            except QueueError:
+                pass  # the rings are gone: nobody can be answered; the first error says why
+            raise
+
+    def drain(self, memory, queue) -> "tuple[bool, bool]":
+        """Wait for every request in flight and answer them; return ``(interrupt, resubmit)`` as :meth:`complete`.
+
+        Afterwards nothing touches guest memory until the next :meth:`submit`
+        (contract 3: the device's pause hook and reset call this).
+        """
+        with self._lock:
+            if self._io == ffi.NULL:
+                return False, False
+            lib.vmm_blk_wait(self._io, self._blk)
+            rc = self._call(lib.vmm_blk_complete, memory, queue)
+            return bool(rc & 1), bool(rc & 2)
+
+    def _call(self, fn, memory, queue) -> int:
+        """Run one C half with the queue state copied in and out (lock held)."""
+        if self._io == ffi.NULL:
+            raise RuntimeError("the native virtio-blk engine is not open")
         self._sync_memory(memory)
         vq = self._vq
         vq.desc_addr, vq.avail_addr, vq.used_addr = queue.desc_addr, queue.avail_addr, queue.used_addr
@@ -153,15 +234,17 @@ class NativeBlk:
         vq.next_avail, vq.next_used, vq.signalled_used = queue.next_avail, queue.next_used, queue.signalled_used
         vq.event_idx, vq.indirect = bool(queue.event_idx), bool(queue.indirect)
         self._blk.fd = self.disk.fd
-        rc = lib.vmm_blk_process(self._mem, vq, self._blk, self._io, self._err, len(self._err))
+        rc = fn(self._mem, vq, self._blk, self._io, self._err, len(self._err))
         queue.next_avail, queue.next_used, queue.signalled_used = vq.next_avail, vq.next_used, vq.signalled_used
         errors = self._blk.io_errors
         if errors != self._errors_seen and self.on_io_errors is not None:
             self.on_io_errors(errors - self._errors_seen, os.strerror(self._blk.last_errno))
         self._errors_seen = errors
+        if self._retired and not lib.vmm_blk_inflight(self._io):
+            self._retired = []
         if rc < 0:
             raise QueueError(ffi.string(self._err).decode(errors="replace"))
-        return rc == 1
+        return rc
 
     @property
     def mem_align(self) -> int:
@@ -174,9 +257,10 @@ class NativeBlk:
         self._blk.mem_align = value
 
     def stats(self) -> Dict[str, int]:
-        """Counters: requests answered, the largest batch of I/O started at once, bounced transfers, I/O errors."""
+        """Counters: requests answered, the most requests ever in flight together, bounced transfers, I/O errors."""
         b = self._blk
-        return {"requests": b.requests, "max_batch": b.max_batch, "bounced": b.bounced, "io_errors": b.io_errors}
+        return {"requests": b.requests, "max_inflight": b.max_inflight, "bounced": b.bounced,
+                "io_errors": b.io_errors, "inflight": self.inflight}
 
     # ----- guest memory -----
     def _sync_memory(self, memory) -> None:
@@ -207,6 +291,8 @@ class NativeBlk:
             c.gpa, c.size, c.host = r.gpa, r.size, host
             c.dirty, c.dirty_len = r.dirty_ptr, len(r.dirty_bitmap)
         pins.append(regions)
+        if self._pins and self._io != ffi.NULL and lib.vmm_blk_inflight(self._io):
+            self._retired.append(self._pins)  # requests in flight still point into them
         self._mem.regions, self._mem.nregions = regions, len(entries)
         self._mem.logging = memory.log_flag
         self._pins, self._table, self._memory = pins, table, memory
@@ -214,3 +300,4 @@ class NativeBlk:
     def _forget_memory(self) -> None:
         self._mem.regions, self._mem.nregions, self._mem.logging = ffi.NULL, 0, ffi.NULL
         self._pins, self._table, self._memory = [], None, None
+        self._retired = []

@@ -41,6 +41,10 @@ class SerialConsole:
         vm.add_pio_device("serial", self.uart, COM1_BASE, UART_PORT_COUNT)
         self._saved_tty = None
         self._stop = threading.Event()
+        # Paused VM (vmmkit_vm_paused): keystrokes wait on the host side, none reach the UART.
+        self._input_lock = threading.Lock()
+        self._resumed = threading.Event()
+        self._resumed.set()
         self._wants_input = (spec.input == "auto" and vm.exec_command is None and sys.stdin.isatty())
 
     def start(self) -> None:
@@ -78,10 +82,24 @@ class SerialConsole:
                     else:
                         out += ch
                 pending = out
-            taken = self.uart.enqueue_input(pending)
+            with self._input_lock:
+                paused = not self._resumed.is_set()
+                taken = 0 if paused else self.uart.enqueue_input(pending)
+            if paused:
+                self._resumed.wait(0.2)
+                continue
             pending = pending[taken:]
             if pending:
                 self._stop.wait(0.005)  # the guest's FIFO is full: let it drain
+
+    def pause(self) -> None:
+        """Hold terminal input on the host side until :meth:`resume` (returns once none is in flight)."""
+        with self._input_lock:
+            self._resumed.clear()
+
+    def resume(self) -> None:
+        """Let held input through again."""
+        self._resumed.set()
 
     def stop(self) -> None:
         """Stop input and restore the terminal."""
@@ -103,6 +121,18 @@ def vmmkit_vm_setup_platform(vm):
 def vmmkit_vm_started(vm):
     """Start terminal input once the guest runs."""
     vm.serial_console.start()
+
+
+@hookimpl
+def vmmkit_vm_paused(vm):
+    """No keystrokes reach a paused guest's UART."""
+    vm.serial_console.pause()
+
+
+@hookimpl
+def vmmkit_vm_resumed(vm):
+    """Deliver what was typed during the pause."""
+    vm.serial_console.resume()
 
 
 @hookimpl

@@ -281,7 +281,7 @@ def test_unknown_device_kind_with_install_hint(tmp_path):
 def test_unknown_table(tmp_path):
     message = error(tmp_path, "[secomp]\n")
     assert message.startswith(
-        "vm.toml: unknown table [secomp]; known tables: boot, device, machine, plugins, serial, seccomp"
+        "vm.toml: unknown table [secomp]; known tables: api, boot, device, machine, plugins, serial, seccomp"
     )
     assert message.endswith("(did you mean [seccomp]?)")
 
