@@ -20,7 +20,7 @@ import attrs
 
 from . import paths
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @attrs.frozen
@@ -64,22 +64,30 @@ def _scan(group: str) -> list[EntryPoint]:
     return found
 
 
+#: Answers kept: one per interpreter, group and import path (`vmmkit`, `python -m vmmkit`
+#: and pytest each start with a different sys.path[0]), so they do not evict each other.
+CACHE_ENTRIES = 8
+
+
 def entry_points(group: str) -> list[EntryPoint]:
     """The entry points of *group*, from the cache when nothing was installed or removed since."""
     key = [CACHE_VERSION, sys.executable, group, _key()]
+    entries: list = []
     try:
         with open(_cache_file()) as f:
-            cached = json.load(f)
-        if cached["key"] == key:
-            return [EntryPoint(*row) for row in cached["entry_points"]]
+            entries = [e for e in json.load(f)["entries"] if isinstance(e, dict)]
+        for entry in entries:
+            if entry.get("key") == key:
+                return [EntryPoint(*row) for row in entry["entry_points"]]
     except (OSError, ValueError, KeyError, TypeError):
-        pass
+        entries = []
     found = _scan(group)
+    entries = [{"key": key, "entry_points": [attrs.astuple(ep) for ep in found]}] + entries[:CACHE_ENTRIES - 1]
     try:
         os.makedirs(paths.cache_dir(), exist_ok=True)
         tmp = f"{_cache_file()}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"key": key, "entry_points": [attrs.astuple(ep) for ep in found]}, f)
+            json.dump({"entries": entries}, f)
         os.replace(tmp, _cache_file())
     except OSError:
         pass  # a read-only cache only costs speed

@@ -43,3 +43,13 @@ def test_an_unwritable_cache_still_answers(cache, monkeypatch, tmp_path):
     blocker.write_text("")
     monkeypatch.setenv("VMMKIT_CACHE", str(blocker / "sub"))
     assert [e.name for e in entrypoints.entry_points("vmmkit-test")] == ["demo"]
+
+
+def test_different_import_paths_do_not_evict_each_other(cache, monkeypatch):
+    entrypoints.entry_points("vmmkit-test")
+    base = list(sys.path)
+    monkeypatch.setattr(sys, "path", base + ["/nonexistent-a"])
+    entrypoints.entry_points("vmmkit-test")
+    monkeypatch.setattr(entrypoints, "_scan", lambda group: pytest.fail("rescanned an import path seen before"))
+    monkeypatch.setattr(sys, "path", base)
+    assert [e.name for e in entrypoints.entry_points("vmmkit-test")] == ["demo"]
