@@ -1,0 +1,777 @@
+"""Tests for virtio-vsock (vmmkit_plugins.vsock), no KVM.
+
+The guest is vmmkit's test driver (``virtio_harness``): the test posts rx
+buffers and tx packets by hand, the way Linux's virtio_transport does, and
+reads what the device put in the rx buffers. The device's worker thread
+runs for real, and the host side is real Unix sockets in tmp_path, used as
+Firecracker's clients use them (``CONNECT <port>\\n`` / ``OK <port>\\n``,
+``<uds_path>_<port>`` listeners).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import socket
+import stat
+import struct
+import time
+
+import attrs
+import pytest
+
+from vmmkit.errors import VmmkitError
+from vmmkit_plugins.vsock import device as vsock_device
+from vmmkit_plugins.vsock.device import BUF_ALLOC, MAX_PENDING_RST, VirtioVsock, VsockState, parse_connect
+
+# Spelled out from the spec (5.10) rather than imported from the code under test.
+HDR = struct.Struct("<QQIIIHHIII")
+RX, TX, EVENT = 0, 1, 2
+HOST_CID, CID = 2, 3
+STREAM = 1
+REQUEST, RESPONSE, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = 1, 2, 3, 4, 5, 6, 7
+SHUT_RCV, SHUT_SEND = 1, 2
+GUEST_BUF = 256 * 1024
+KiB = 1 << 10
+
+
+@attrs.frozen
+class Pkt:
+    src_cid: int
+    dst_cid: int
+    src_port: int
+    dst_port: int
+    len: int
+    type: int
+    op: int
+    flags: int
+    buf_alloc: int
+    fwd_cnt: int
+    data: bytes = b""
+
+
+def wait_for(pred, what="condition", timeout=10.0):
+    """Poll *pred* every millisecond; the deadline only guards against a hang."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.001)
+
+
+class Guest:
+    """The guest's side of virtio-vsock, by hand: rx buffers in, tx packets out."""
+
+    def __init__(self, bench, cid=CID):
+        self.bench, self.cid = bench, cid
+        self.rxq, self.txq, self.evq = bench.queues[RX], bench.queues[TX], bench.queues[EVENT]
+        self.inbox = collections.deque()
+        self.empty_buffers = 0  # rx buffers the device gave back unused
+
+    def post_rx(self, count=32, size=HDR.size + 4096, split=False):
+        for _ in range(count):
+            self.rxq.add_chain([], [HDR.size, size - HDR.size] if split else [size])
+        self.bench.driver.notify(RX)
+
+    def send(self, op, src_port, dst_port, data=b"", *, length=None, type_=STREAM, flags=0, buf_alloc=GUEST_BUF,
+             fwd_cnt=0, src_cid=None, dst_cid=HOST_CID, split=True, raw=None):
+        hdr = HDR.pack(self.cid if src_cid is None else src_cid, dst_cid, src_port, dst_port,
+                       len(data) if length is None else length, type_, op, flags, buf_alloc, fwd_cnt)
+        if raw is not None:
+            bufs = [raw]
+        elif split and data:
+            bufs = [hdr, data]
+        else:
+            bufs = [hdr + data]
+        head = self.txq.add_chain(bufs, [])
+        self.bench.driver.notify(TX)
+        wait_for(lambda: any(h == head for h, _ in self.txq.get_used()), "the device to take a tx packet")
+
+    def _collect(self):
+        for head, written in self.rxq.get_used():
+            raw = b"".join(self.rxq.in_buffers(head))[:written]
+            if written < HDR.size:
+                self.empty_buffers += 1
+                continue
+            fields = HDR.unpack(raw[:HDR.size])
+            self.inbox.append(Pkt(*fields, data=raw[HDR.size:HDR.size + fields[4]]))
+
+    def recv(self, timeout=10.0) -> Pkt:
+        def ready():
+            self._collect()
+            return bool(self.inbox)
+        wait_for(ready, "an rx packet", timeout)
+        return self.inbox.popleft()
+
+    def recv_op(self, op, timeout=10.0) -> Pkt:
+        """The next packet, which must be *op* (credit updates in between are skipped)."""
+        while True:
+            pkt = self.recv(timeout)
+            if pkt.op == CREDIT_UPDATE and op != CREDIT_UPDATE:
+                continue
+            assert pkt.op == op, f"expected op {op}, got {pkt}"
+            return pkt
+
+    def quiet(self, seconds=0.2):
+        """Assert that no packet arrives for a while."""
+        time.sleep(seconds)
+        self._collect()
+        assert not self.inbox, f"unexpected packets: {list(self.inbox)}"
+
+
+@pytest.fixture
+def uds(tmp_path):
+    return str(tmp_path / "v.sock")
+
+
+@pytest.fixture
+def vsock(virtio_harness, uds):
+    """(device, bench, guest) with 32 rx buffers posted."""
+    device = VirtioVsock("vsock0", CID, uds)
+    bench = virtio_harness(device)
+    guest = Guest(bench)
+    guest.post_rx(32)
+    return device, bench, guest
+
+
+def host_connect(uds, port, line=None):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(uds)
+    s.sendall(line if line is not None else f"CONNECT {port}\n".encode())
+    return s
+
+
+def read_line(s) -> bytes:
+    out = b""
+    while not out.endswith(b"\n"):
+        chunk = s.recv(1)
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def recv_exact(s, n) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = s.recv(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+def establish(guest, uds, port=5000, guest_port=None):
+    """A host-initiated connection, accepted by the guest: (host socket, host port, guest port)."""
+    s = host_connect(uds, port)
+    req = guest.recv_op(REQUEST)
+    assert (req.src_cid, req.dst_cid, req.dst_port, req.type) == (HOST_CID, CID, port, STREAM)
+    assert req.buf_alloc == BUF_ALLOC
+    guest.send(RESPONSE, port, req.src_port)
+    assert read_line(s) == f"OK {req.src_port}\n".encode()
+    return s, req.src_port, port
+
+
+def closed(s, timeout=5.0) -> bool:
+    """Whether the host socket sees end of stream (or a reset) within *timeout*."""
+    s.settimeout(timeout)
+    try:
+        return s.recv(4096) == b""
+    except ConnectionResetError:
+        return True
+
+
+# ----- the device as the driver sees it -----
+
+def test_device_id_queues_and_config_hold_the_guest_cid(vsock):
+    device, bench, _ = vsock
+    assert bench.driver.device_id() == 19
+    assert len(bench.queues) == 3
+    assert struct.unpack("<Q", bench.config(0, 8)) == (CID,)
+
+
+def test_guest_cid_out_of_range_is_refused(uds):
+    for cid in (0, 1, 2, 0xFFFFFFFF):
+        with pytest.raises(ValueError):
+            VirtioVsock("v", cid, uds)
+    assert not os.path.exists(uds)
+
+
+# ----- uds_path -----
+
+def test_uds_path_is_owner_only_and_removed_on_close(uds):
+    device = VirtioVsock("v", CID, uds)
+    st = os.lstat(uds)
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    device.close()
+    assert not os.path.exists(uds)
+
+
+def test_stale_socket_file_is_replaced(uds):
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(uds)
+    dead.close()  # the file stays, nobody accepts: what a killed VMM leaves behind
+    device = VirtioVsock("v", CID, uds)
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(uds)  # the new socket accepts (into its backlog)
+        s.close()
+    finally:
+        device.close()
+
+
+def test_socket_served_by_a_live_process_is_an_error(uds):
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(uds)
+    live.listen(1)
+    try:
+        with pytest.raises(VmmkitError, match="in use"):
+            VirtioVsock("v", CID, uds)
+        assert os.path.exists(uds)  # never removed from under its owner
+    finally:
+        live.close()
+
+
+def test_path_that_is_not_a_socket_or_has_no_directory_is_an_error(tmp_path):
+    regular = tmp_path / "file"
+    regular.write_text("keep me")
+    with pytest.raises(VmmkitError, match="not a socket"):
+        VirtioVsock("v", CID, str(regular))
+    assert regular.read_text() == "keep me"
+    with pytest.raises(VmmkitError, match="does not exist"):
+        VirtioVsock("v", CID, str(tmp_path / "nodir" / "v.sock"))
+
+
+def test_close_leaves_a_replacement_socket_alone(uds):
+    device = VirtioVsock("v", CID, uds)
+    os.unlink(uds)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(uds)
+    try:
+        device.close()
+        assert os.path.exists(uds)
+    finally:
+        other.close()
+
+
+# ----- host-initiated connections -----
+
+def test_connect_handshake_then_data_both_ways(vsock, uds):
+    device, bench, guest = vsock
+    s, hport, gport = establish(guest, uds)
+    assert hport >= 1 << 30
+    s.sendall(b"hello guest")
+    pkt = guest.recv_op(RW)
+    assert (pkt.src_port, pkt.dst_port, pkt.data) == (hport, gport, b"hello guest")
+    guest.send(RW, gport, hport, b"hello host")
+    assert recv_exact(s, 10) == b"hello host"
+    assert device.connection_count() == 1
+    s.close()
+    shut = guest.recv_op(SHUTDOWN)
+    assert shut.flags == SHUT_RCV | SHUT_SEND
+    guest.send(RST, gport, hport)
+    wait_for(lambda: device.connection_count() == 0, "the connection to go")
+    assert not bench.needs_reset
+
+
+def test_connect_accepts_firecracker_spellings():
+    assert parse_connect(b"CONNECT 5000") == 5000
+    assert parse_connect(b"connect 52") == 52
+    assert parse_connect(b"CONNECT  4294967295\r") == 4294967295
+    for bad in (b"CONNECT", b"CONNECT 4294967296", b"CONNECT -1", b"CONNECT 5x", b"LISTEN 5",
+                b"CONNECT 5 6", b"", b"CONNECT \xff", b"CONNECT +5", "CONNECT \u0665".encode()):
+        assert parse_connect(bad) is None, bad
+
+
+def test_bytes_after_the_connect_line_reach_the_guest_first(vsock, uds):
+    _, _, guest = vsock
+    s = host_connect(uds, 5000, b"CONNECT 5000\nearly bytes")
+    req = guest.recv_op(REQUEST)
+    guest.send(RESPONSE, 5000, req.src_port)
+    assert read_line(s) == f"OK {req.src_port}\n".encode()
+    assert guest.recv_op(RW).data == b"early bytes"
+    s.sendall(b" and later ones")
+    assert guest.recv_op(RW).data == b" and later ones"
+
+
+def test_no_listener_in_the_guest_closes_the_host_stream_promptly(vsock, uds):
+    device, _, guest = vsock
+    s = host_connect(uds, 7777)
+    req = guest.recv_op(REQUEST)
+    started = time.monotonic()
+    guest.send(RST, 7777, req.src_port)  # what Linux answers when nothing listens
+    assert closed(s)
+    assert time.monotonic() - started < 2
+    assert device.connection_count() == 0
+
+
+@pytest.mark.parametrize("line", [b"HELLO 5000\n", b"CONNECT\n", b"CONNECT 99999999999\n", b"CONNECT 12ab\n",
+                                  b"X" * 40, b"CONNECT 5000" + b" " * 30 + b"\n"])
+def test_malformed_connect_closes_only_that_stream(vsock, uds, line):
+    device, bench, guest = vsock
+    good, hport, gport = establish(guest, uds)
+    bad = host_connect(uds, 0, line)
+    assert closed(bad)
+    guest.quiet()  # no REQUEST went to the guest
+    good.sendall(b"still here")
+    assert guest.recv_op(RW).data == b"still here"
+    assert device.stats["bad_connect"] == 1
+    assert device.connection_count() == 1
+    assert not bench.needs_reset
+
+
+def test_host_closing_before_connect_line_costs_nothing(vsock, uds):
+    device, _, guest = vsock
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(uds)
+    s.sendall(b"CONN")
+    s.close()
+    guest.quiet()
+    wait_for(lambda: device.buffered_bytes() == 0, "the partial line to be dropped")
+
+
+def test_unanswered_request_times_out(vsock, uds, monkeypatch):
+    monkeypatch.setattr(vsock_device, "REQUEST_TIMEOUT", 0.3)
+    device, _, guest = vsock
+    s = host_connect(uds, 5000)
+    req = guest.recv_op(REQUEST)
+    assert closed(s, timeout=5)
+    rst = guest.recv_op(RST)
+    assert (rst.src_port, rst.dst_port) == (req.src_port, 5000)
+    assert device.connection_count() == 0
+
+
+def test_host_giving_up_before_the_guest_answers_resets_the_guest_side(vsock, uds):
+    device, _, guest = vsock
+    s = host_connect(uds, 5000)
+    req = guest.recv_op(REQUEST)
+    s.close()
+    rst = guest.recv_op(RST)
+    assert (rst.src_port, rst.dst_port) == (req.src_port, 5000)
+    wait_for(lambda: device.connection_count() == 0, "the connection to go")
+
+
+def test_many_connections_at_once_keep_their_data_apart(vsock, uds):
+    device, _, guest = vsock
+    guest.post_rx(200)
+    conns = []
+    for i in range(64):
+        s = host_connect(uds, 6000 + i)
+        conns.append(s)
+    ports = {}
+    for _ in range(64):
+        req = guest.recv_op(REQUEST)
+        ports[req.dst_port] = req.src_port
+        guest.send(RESPONSE, req.dst_port, req.src_port)
+    for i, s in enumerate(conns):
+        assert read_line(s) == f"OK {ports[6000 + i]}\n".encode()
+    for i, s in enumerate(conns):
+        s.sendall(f"to guest {i}".encode())
+    got = {}
+    while len(got) < 64:
+        pkt = guest.recv_op(RW)
+        got[pkt.dst_port] = got.get(pkt.dst_port, b"") + pkt.data
+    assert got == {6000 + i: f"to guest {i}".encode() for i in range(64)}
+    for i in range(64):
+        guest.send(RW, 6000 + i, ports[6000 + i], f"to host {i}".encode())
+    for i, s in enumerate(conns):
+        want = f"to host {i}".encode()
+        assert recv_exact(s, len(want)) == want
+    assert device.connection_count() == 64
+
+
+# ----- credit and bounded memory -----
+
+def test_host_to_guest_respects_the_guest_credit(vsock, uds):
+    device, _, guest = vsock
+    s = host_connect(uds, 5000)
+    req = guest.recv_op(REQUEST)
+    guest.send(RESPONSE, 5000, req.src_port, buf_alloc=8 * KiB)
+    assert read_line(s).startswith(b"OK ")
+    payload = os.urandom(64 * KiB)
+    s.sendall(payload)
+    got = b""
+    while True:
+        pkt = guest.recv()
+        if pkt.op == CREDIT_REQUEST:
+            break
+        assert pkt.op == RW
+        got += pkt.data
+    assert got == payload[:8 * KiB]  # exactly the credit, then a request for more
+    guest.quiet()
+    # The guest answers with no more room (its application has not read yet): no new request,
+    # or the two would ping-pong for as long as the application sleeps.
+    guest.send(CREDIT_UPDATE, 5000, req.src_port, buf_alloc=8 * KiB, fwd_cnt=0)
+    guest.quiet()
+    # The guest's application read it all: tell the device.
+    received = len(got)
+    while received < len(payload):
+        guest.send(CREDIT_UPDATE, 5000, req.src_port, buf_alloc=8 * KiB, fwd_cnt=received)
+        while True:
+            pkt = guest.recv()
+            if pkt.op == CREDIT_REQUEST:
+                break
+            assert pkt.op == RW
+            got += pkt.data
+            if len(got) == len(payload):
+                break
+        assert len(got) - received <= 8 * KiB
+        received = len(got)
+    assert got == payload
+
+
+def test_a_guest_that_does_not_read_makes_the_host_writer_block_not_the_vmm_grow(virtio_harness, uds):
+    device = VirtioVsock("vsock0", CID, uds)
+    bench = virtio_harness(device)
+    guest = Guest(bench)
+    guest.post_rx(1)
+    s = host_connect(uds, 5000)
+    req = guest.recv_op(REQUEST)
+    guest.post_rx(1)
+    guest.send(RESPONSE, 5000, req.src_port)
+    assert read_line(s).startswith(b"OK ")
+    s.setblocking(False)
+    written = 0
+    chunk = b"x" * 65536
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            written += s.send(chunk)
+        except BlockingIOError:
+            time.sleep(0.05)
+            try:
+                written += s.send(chunk)
+            except BlockingIOError:
+                break
+    assert written < 16 << 20, "the host writer never blocked"
+    assert device.buffered_bytes() == 0
+    # What the one rx buffer carried is all the guest got; nothing piles up in the device.
+    pkt = guest.recv_op(RW)
+    assert len(pkt.data) == 4096
+    guest.quiet()
+    assert device.buffered_bytes() == 0
+
+
+def test_guest_sending_past_its_credit_is_reset_with_bounded_buffering(vsock, uds):
+    device, bench, guest = vsock
+    path = f"{uds}_6000"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    guest.send(REQUEST, 1025, 6000)
+    resp = guest.recv_op(RESPONSE)
+    assert resp.buf_alloc == BUF_ALLOC
+    host, _ = listener.accept()  # and never reads
+    chunk = os.urandom(64 * KiB)
+    peak = 0
+    for _ in range(64):
+        guest.send(RW, 1025, 6000, chunk)
+        peak = max(peak, device.buffered_bytes())
+        guest._collect()
+        if any(p.op == RST for p in guest.inbox):
+            break
+    else:
+        raise AssertionError("the device took 4 MiB past the credit without a reset")
+    assert peak <= BUF_ALLOC
+    assert device.stats["credit_overrun"] == 1
+    assert device.connection_count() == 0
+    assert device.buffered_bytes() == 0
+    assert not bench.needs_reset
+    host.close()
+    listener.close()
+
+
+def test_slow_host_reader_gets_everything_within_credit(vsock, uds):
+    device, _, guest = vsock
+    guest.post_rx(64)
+    path = f"{uds}_6001"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    guest.send(REQUEST, 1026, 6001)
+    guest.recv_op(RESPONSE)
+    host, _ = listener.accept()
+    payload = os.urandom(2 << 20)
+    sent = 0
+    peer_fwd = 0
+    got = bytearray()
+    # The guest sends only what its credit allows; the host reads slowly.
+    while len(got) < len(payload):
+        credit = BUF_ALLOC - (sent - peer_fwd)
+        if sent < len(payload) and credit > 0:
+            n = min(credit, 64 * KiB, len(payload) - sent)
+            guest.send(RW, 1026, 6001, payload[sent:sent + n])
+            sent += n
+        host.settimeout(0.01)
+        try:
+            got += host.recv(32 * KiB)
+        except socket.timeout:
+            pass
+        guest._collect()
+        while guest.inbox:
+            pkt = guest.inbox.popleft()
+            assert pkt.op == CREDIT_UPDATE, pkt
+            assert pkt.buf_alloc == BUF_ALLOC
+            peer_fwd = pkt.fwd_cnt
+        assert device.buffered_bytes() <= BUF_ALLOC
+    assert bytes(got) == payload
+    assert device.stats["credit_overrun"] == 0
+
+
+# ----- guest-initiated connections -----
+
+def test_guest_connects_to_a_host_listener(vsock, uds):
+    device, bench, guest = vsock
+    path = f"{uds}_5200"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    listener.settimeout(10)
+    guest.send(REQUEST, 49152, 5200)
+    resp = guest.recv_op(RESPONSE)
+    assert (resp.src_cid, resp.dst_cid, resp.src_port, resp.dst_port) == (HOST_CID, CID, 5200, 49152)
+    host, _ = listener.accept()
+    host.settimeout(10)
+    guest.send(RW, 49152, 5200, b"from the guest")
+    assert recv_exact(host, 14) == b"from the guest"
+    host.sendall(b"from the host")
+    assert guest.recv_op(RW).data == b"from the host"
+    # The guest closes: SHUTDOWN both ways, answered with RST; the host sees the end.
+    guest.send(SHUTDOWN, 49152, 5200, flags=SHUT_RCV | SHUT_SEND)
+    rst = guest.recv_op(RST)
+    assert (rst.src_port, rst.dst_port) == (5200, 49152)
+    assert closed(host)
+    assert device.connection_count() == 0
+    assert not bench.needs_reset
+    listener.close()
+
+
+def test_guest_connecting_where_nobody_listens_gets_rst(vsock, uds):
+    device, _, guest = vsock
+    guest.send(REQUEST, 49153, 5300)
+    rst = guest.recv_op(RST)
+    assert (rst.src_cid, rst.dst_cid, rst.src_port, rst.dst_port) == (HOST_CID, CID, 5300, 49153)
+    assert device.connection_count() == 0
+    # A stale file is no listener either.
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(f"{uds}_5301")
+    dead.close()
+    guest.send(REQUEST, 49154, 5301)
+    assert guest.recv_op(RST).dst_port == 49154
+
+
+def test_half_close_each_way(vsock, uds):
+    device, _, guest = vsock
+    s, hport, gport = establish(guest, uds)
+    # The host is done sending: the guest hears SHUTDOWN(SEND), and can still send.
+    s.sendall(b"last words")
+    s.shutdown(socket.SHUT_WR)
+    assert guest.recv_op(RW).data == b"last words"
+    shut = guest.recv_op(SHUTDOWN)
+    assert shut.flags == SHUT_SEND
+    guest.send(RW, gport, hport, b"reply after host EOF")
+    assert recv_exact(s, 20) == b"reply after host EOF"
+    # Then the guest is done sending too: the host reads end of stream.
+    guest.send(SHUTDOWN, gport, hport, flags=SHUT_SEND)
+    assert closed(s)
+    # The guest socket closes for good: SHUTDOWN both, the device's RST ends it.
+    guest.send(SHUTDOWN, gport, hport, flags=SHUT_RCV | SHUT_SEND)
+    guest.recv_op(RST)
+    wait_for(lambda: device.connection_count() == 0, "the connection to go")
+
+
+def test_guest_rst_closes_the_host_stream(vsock, uds):
+    device, _, guest = vsock
+    s, hport, gport = establish(guest, uds)
+    guest.send(RST, gport, hport)
+    assert closed(s)
+    assert device.connection_count() == 0
+
+
+def test_credit_request_is_answered_with_credit_update(vsock, uds):
+    _, _, guest = vsock
+    s, hport, gport = establish(guest, uds)
+    guest.send(RW, gport, hport, b"abc")
+    assert recv_exact(s, 3) == b"abc"
+    guest.send(CREDIT_REQUEST, gport, hport)
+    pkt = guest.recv_op(CREDIT_UPDATE)
+    assert (pkt.buf_alloc, pkt.fwd_cnt) == (BUF_ALLOC, 3)
+
+
+# ----- hostile packets -----
+
+def test_hostile_headers_are_refused_without_breaking_the_device(vsock, uds):
+    device, bench, guest = vsock
+    s, hport, gport = establish(guest, uds)
+    # Too short for a header: dropped.
+    guest.send(RW, 0, 0, raw=b"\x00" * 20)
+    # Spoofed source CID, or for another CID than the host: dropped, nobody to answer.
+    guest.send(REQUEST, 1, 5000, src_cid=7)
+    guest.send(REQUEST, 1, 5000, dst_cid=9)
+    guest.quiet()
+    # Unknown type or op with no connection: RST.
+    guest.send(REQUEST, 2, 5000, type_=2)
+    assert guest.recv_op(RST).dst_port == 2
+    guest.send(99, 3, 5000)
+    assert guest.recv_op(RST).dst_port == 3
+    # Orphan packets of known ops: RST (but never an RST for an RST).
+    guest.send(RW, 4, 5000, b"data")
+    assert guest.recv_op(RST).dst_port == 4
+    guest.send(RST, 5, 5000)
+    guest.quiet()
+    assert device.connection_count() == 1
+    # A length larger than the buffer on a live connection: that connection is reset.
+    guest.send(RW, gport, hport, b"short", length=4096)
+    rst = guest.recv_op(RST)
+    assert (rst.src_port, rst.dst_port) == (hport, gport)
+    assert closed(s)
+    # A length over the protocol maximum, too.
+    s2, hport2, gport2 = establish(guest, uds, port=5001)
+    guest.send(RW, gport2, hport2, b"x" * 70000)
+    assert guest.recv_op(RST).dst_port == gport2
+    assert closed(s2)
+    # RESPONSE for a connection nobody requested, data before the handshake ended.
+    s3 = host_connect(uds, 5002)
+    req = guest.recv_op(REQUEST)
+    guest.send(RW, 5002, req.src_port, b"too early")
+    assert guest.recv_op(RST).dst_port == 5002
+    assert closed(s3)
+    assert device.stats["bad_packets"] >= 5
+    assert device.stats["dropped_cid"] == 2
+    assert not bench.needs_reset
+    # And the device still works.
+    s4, hport4, gport4 = establish(guest, uds, port=5003)
+    s4.sendall(b"ok")
+    assert guest.recv_op(RW).data == b"ok"
+
+
+def test_rx_buffers_too_small_for_a_header_are_returned_unused(virtio_harness, uds):
+    device = VirtioVsock("vsock0", CID, uds)
+    bench = virtio_harness(device)
+    guest = Guest(bench)
+    guest.post_rx(2, size=16)
+    guest.post_rx(2, split=True)
+    s, hport, gport = establish(guest, uds)
+    assert guest.empty_buffers == 2
+    assert not bench.needs_reset
+
+
+def test_rst_flood_without_rx_buffers_stays_bounded(virtio_harness, uds):
+    device = VirtioVsock("vsock0", CID, uds)
+    bench = virtio_harness(device)
+    guest = Guest(bench)
+    for i in range(MAX_PENDING_RST + 50):
+        guest.send(RW, i, 5000, b"?")
+    assert device.stats["rst_dropped"] == 50
+    guest.post_rx(8)
+    assert guest.recv_op(RST).dst_port == 0
+
+
+# ----- reset, snapshot -----
+
+def test_device_reset_closes_host_streams_and_keeps_listening(vsock, uds):
+    device, bench, guest = vsock
+    s, _, _ = establish(guest, uds)
+    bench.transport.reset()
+    assert closed(s)
+    assert device.connection_count() == 0
+    # The driver starts it again; the same uds_path serves.
+    bench2_queues = bench.driver.init(queues=3)
+    bench.queues = bench2_queues
+    guest2 = Guest(bench)
+    guest2.post_rx(8)
+    s2, _, _ = establish(guest2, uds)
+    s2.sendall(b"again")
+    assert guest2.recv_op(RW).data == b"again"
+
+
+def test_restore_sends_transport_reset_and_drops_connections(vsock, uds):
+    device, bench, guest = vsock
+    for _ in range(4):
+        guest.evq.add_chain([], [4])
+    bench.driver.notify(EVENT)
+    s, _, _ = establish(guest, uds)
+    saved = bench.transport.state()
+    assert saved.device == VsockState(guest_cid=CID)
+    bench.transport.restore(saved)
+    assert closed(s)
+    used = wait_for(lambda: guest.evq.get_used(), "the transport reset event")
+    head, written = used[0]
+    assert written == 4
+    assert guest.evq.in_buffers(head) == [b"\x00\x00\x00\x00"]
+    # Connections made after the restore work.
+    s2, _, _ = establish(guest, uds, port=5010)
+    s2.sendall(b"after restore")
+    assert guest.recv_op(RW).data == b"after restore"
+
+
+def test_restore_refuses_another_cid_or_version(vsock):
+    device, _, _ = vsock
+    with pytest.raises(ValueError, match="CID"):
+        device.restore(VsockState(guest_cid=CID + 1))
+    with pytest.raises(ValueError, match="version"):
+        device.restore(VsockState(version=2, guest_cid=CID))
+
+
+def test_pause_stops_the_data_path_until_resumed(vsock, uds):
+    device, _, guest = vsock
+    s, _, _ = establish(guest, uds)
+    assert device.pause()
+    s.sendall(b"while paused")
+    guest.quiet(0.3)
+    device.resume()
+    assert guest.recv_op(RW).data == b"while paused"
+
+
+def test_device_writes_guest_memory_only_inside_posted_buffers_and_used_rings(virtio_harness, uds):
+    device = VirtioVsock("vsock0", CID, uds)
+    bench = virtio_harness(device)
+    guest = Guest(bench)
+    # Every byte the driver has not handed out yet holds a canary; the driver records what it hands out.
+    alloc = bench.alloc
+    start, end = alloc.next, alloc.end
+    canary = bytes(range(256)) * ((end - start) // 256 + 1)
+    bench.memory.write(start, canary[:end - start])
+    handed_out = []
+    real_alloc = alloc.alloc
+
+    def recording_alloc(size, align=16):
+        addr = real_alloc(size, align)
+        handed_out.append((addr, size))
+        return addr
+    alloc.alloc = recording_alloc
+    # Traffic of every kind: both directions, many packets, a reset, a hostile length, an orphan.
+    guest.post_rx(64, split=True)
+    s, hport, gport = establish(guest, uds)
+    payload = os.urandom(300 * KiB)
+    s.sendall(payload[:200 * KiB])
+    got = b""
+    while len(got) < 200 * KiB:
+        pkt = guest.recv()
+        if pkt.op == RW:
+            got += pkt.data
+        guest.post_rx(1, split=True)
+    assert got == payload[:200 * KiB]
+    for i in range(0, len(payload), 60 * KiB):
+        guest.send(RW, gport, hport, payload[i:i + 60 * KiB])
+    assert recv_exact(s, len(payload)) == payload
+    guest.send(RW, gport, hport, b"x", length=100)
+    guest.send(RW, 9, 5000, b"orphan")
+    guest.post_rx(8)
+    time.sleep(0.2)
+    after = bench.memory.read(start, end - start)
+    mine = bytearray(end - start)  # 1 where the driver handed the bytes out
+    for addr, size in handed_out:
+        mine[addr - start:addr - start + size] = b"\x01" * size
+    stray = []
+    for page in range(0, end - start, 4096):  # page by page, then byte by byte where a page changed
+        if after[page:page + 4096] == canary[page:page + 4096] or all(mine[page:page + 4096]):
+            continue
+        stray += [hex(start + pos) for pos in range(page, min(page + 4096, end - start))
+                  if after[pos] != canary[pos] and not mine[pos]]
+    assert not stray, f"writes outside anything the driver handed out: {stray[:10]}"
