@@ -1,5 +1,5 @@
 """cffi build script for vmmkit._native: KVM structures, ioctl numbers, the vCPU exit
-decoder, and the virtio-blk data path (virtio_blk.c).
+decoder, and the virtio-blk and virtio-vsock data paths (virtio_blk.c, virtio_vsock.c).
 
 API mode: the C compiler reads <linux/kvm.h>, so struct layouts and ioctl
 numbers come from the kernel headers rather than being written out by hand.
@@ -88,6 +88,30 @@ int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, 
 int vmm_blk_complete(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                      char *err, size_t errlen);
 void vmm_blk_wait(struct vmm_blk_io *io, struct vmm_blk *blk);
+
+/* virtio_vsock.c */
+struct vmm_vsock_rx {
+    int fd; uint8_t hdr[44]; uint64_t budget; uint32_t max_payload; uint32_t max_packets;
+    uint64_t bytes; uint32_t packets; uint32_t too_small; int32_t stop; int32_t err_no;
+};
+struct vmm_vsock_conn {
+    uint32_t local_port; uint32_t peer_port; int fd; uint32_t room;
+    uint64_t bytes; uint64_t sent; uint32_t packets; uint32_t buf_alloc; uint32_t fwd_cnt;
+};
+struct vmm_vsock_tx {
+    uint64_t guest_cid; struct vmm_vsock_conn *conns; uint32_t nconns; uint32_t max_payload;
+    uint32_t max_packets; uint8_t *spill;
+    uint32_t packets; int32_t stop; int32_t spill_conn; uint32_t spill_len; int32_t err_no;
+};
+int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_rx *rx, char *err, size_t errlen);
+int vmm_vsock_tx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_tx *tx, char *err, size_t errlen);
+#define VMM_VSOCK_STOP_BUDGET ...
+#define VMM_VSOCK_STOP_EMPTY ...
+#define VMM_VSOCK_STOP_AGAIN ...
+#define VMM_VSOCK_STOP_EOF ...
+#define VMM_VSOCK_STOP_ERROR ...
+#define VMM_VSOCK_STOP_PYTHON ...
+#define VMM_VSOCK_STOP_SPILL ...
 #define VMM_IO_SYNC ...
 #define VMM_IO_URING ...
 #define VMM_IO_THREADS ...
@@ -149,7 +173,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF + "".join(f"#define {name} ...\n" for name in CONSTANTS))
 # The last #line hands the rest (cffi's generated wrappers) back to _native.c.
 ffibuilder.set_source("vmmkit._native", SOURCE + _read("kvm_native.c") + "\n" + _read("virtio_blk.c")
-                      + '\n#line 1 "_native.c"\n',
+                      + "\n" + _read("virtio_vsock.c") + '\n#line 1 "_native.c"\n',
                       extra_compile_args=["-O2"],
                       define_macros=[("VMM_HAVE_URING", "1")] if HAVE_URING else [],
                       libraries=(["uring"] if HAVE_URING else []) + ["pthread"])

@@ -37,6 +37,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from vmmkit._native import ffi, lib
+from vmmkit.virtio.native import NativeMemory, load_queue, store_queue
 from vmmkit.virtio.queue import QueueError
 
 log = logging.getLogger("vmmkit.blk")
@@ -103,12 +104,10 @@ class NativeBlk:
             blk.bounce, blk.bounce_len = self._bounce_ptr, BOUNCE_BYTES
         self._vq = ffi.new("struct vmm_vq *")
         self._err = ffi.new("char[]", 512)
-        self._mem = ffi.new("struct vmm_mem *")
-        self._table: Any = None     # the GuestMemory._table the C table was built from
-        self._pins: List[Any] = []  # keeps the region mappings and bitmaps alive for C
+        self._nmem = NativeMemory()
+        self._mem = self._nmem.struct
         self._retired: List[Any] = []  # pins of older tables that requests in flight may use
         self._lock = threading.Lock()
-        self._memory: Any = None
         self._errors_seen = 0
 
     # ----- lifecycle -----
@@ -229,13 +228,10 @@ class NativeBlk:
             raise RuntimeError("the native virtio-blk engine is not open")
         self._sync_memory(memory)
         vq = self._vq
-        vq.desc_addr, vq.avail_addr, vq.used_addr = queue.desc_addr, queue.avail_addr, queue.used_addr
-        vq.size = queue.size
-        vq.next_avail, vq.next_used, vq.signalled_used = queue.next_avail, queue.next_used, queue.signalled_used
-        vq.event_idx, vq.indirect = bool(queue.event_idx), bool(queue.indirect)
+        load_queue(vq, queue)
         self._blk.fd = self.disk.fd
         rc = fn(self._mem, vq, self._blk, self._io, self._err, len(self._err))
-        queue.next_avail, queue.next_used, queue.signalled_used = vq.next_avail, vq.next_used, vq.signalled_used
+        store_queue(vq, queue)
         errors = self._blk.io_errors
         if errors != self._errors_seen and self.on_io_errors is not None:
             self.on_io_errors(errors - self._errors_seen, os.strerror(self._blk.last_errno))
@@ -264,40 +260,11 @@ class NativeBlk:
 
     # ----- guest memory -----
     def _sync_memory(self, memory) -> None:
-        """Rebuild the C region table if the memory published a new one since the last call.
-
-        Each region's mapping is pinned with a buffer export for as long as
-        the table refers to it, so even a region removed while C runs (which
-        the pause rule forbids) stays mapped until the next rebuild.
-        """
-        table = memory._table
-        if table is self._table and memory is self._memory:
-            return
-        pins: List[Any] = []
-        entries = []
-        for r in table[1]:
-            mm = r.mm
-            if mm is None:
-                continue  # closed under us: it is not guest RAM any more
-            try:
-                host = ffi.from_buffer("uint8_t[]", mm)
-            except (ValueError, TypeError):
-                continue
-            pins += [host, r.dirty_ptr]
-            entries.append((r, host))
-        regions = ffi.new("struct vmm_region[]", max(1, len(entries)))
-        for i, (r, host) in enumerate(entries):
-            c = regions[i]
-            c.gpa, c.size, c.host = r.gpa, r.size, host
-            c.dirty, c.dirty_len = r.dirty_ptr, len(r.dirty_bitmap)
-        pins.append(regions)
-        if self._pins and self._io != ffi.NULL and lib.vmm_blk_inflight(self._io):
-            self._retired.append(self._pins)  # requests in flight still point into them
-        self._mem.regions, self._mem.nregions = regions, len(entries)
-        self._mem.logging = memory.log_flag
-        self._pins, self._table, self._memory = pins, table, memory
+        """Bring the C region table up to date (see :class:`NativeMemory`)."""
+        old = self._nmem.sync(memory)
+        if old and self._io != ffi.NULL and lib.vmm_blk_inflight(self._io):
+            self._retired.append(old)  # requests in flight still point into them
 
     def _forget_memory(self) -> None:
-        self._mem.regions, self._mem.nregions, self._mem.logging = ffi.NULL, 0, ffi.NULL
-        self._pins, self._table, self._memory = [], None, None
+        self._nmem.forget()
         self._retired = []

@@ -4,6 +4,7 @@
     kind = "vsock"
     guest_cid = 3                      # the guest's context ID (3 .. 2**32 - 2)
     uds_path = "/run/vm1/vsock.sock"   # host side: a Unix socket vmmkit creates (0600)
+    engine = "native"                  # or "python": the reference data path, for debugging
 
 Host to guest: connect to ``uds_path``, write ``CONNECT <port>\\n``, read
 ``OK <host port>\\n``; the Unix stream is then joined to a guest connection
@@ -18,6 +19,8 @@ process still serves is an error. A guest has at most one vsock device.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import attrs
 
@@ -45,6 +48,7 @@ class VsockSpec:
 
     guest_cid: int = attrs.field(validator=in_range(MIN_GUEST_CID, MAX_GUEST_CID))
     uds_path: Path = attrs.field(validator=_uds_path)
+    engine: Literal["native", "python"] = "native"
 
 
 def create(vm, device_spec):
@@ -54,7 +58,7 @@ def create(vm, device_spec):
         if isinstance(other, VirtioVsock):
             raise VmmkitError(f"device {device_spec.id!r}: a VM has at most one vsock device "
                               f"({other.name!r} is one already)")
-    device = VirtioVsock(device_spec.id, opts.guest_cid, opts.uds_path)
+    device = VirtioVsock(device_spec.id, opts.guest_cid, opts.uds_path, engine=opts.engine)
     try:
         vm.add_virtio_device(device)
     except BaseException:

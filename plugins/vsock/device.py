@@ -32,8 +32,13 @@ guest is answered with RST, which ends the connection, as Linux expects.
 
 Everything runs on the device's worker thread: queue kicks, the listening
 socket, every Unix stream and a timer (request and close timeouts) are fds
-in its event loop. The bytes themselves move through a data path object
-(:mod:`.datapath`), the one place a native copy path plugs in.
+in its event loop. Two engines move the bytes. ``native`` (the default)
+hands runs of plain stream data to C (:mod:`.native`, ``native/virtio_vsock.c``):
+one call walks the ring and moves many packets between guest buffers and a
+socket with the GIL released. ``python`` is the reference: every packet goes
+through the per-packet code here and a data path object (:mod:`.datapath`).
+The native engine leaves everything but stream data (handshakes, control
+packets, the end of a stream, errors) to that same per-packet code.
 
 Connections cannot survive a snapshot: after :meth:`VirtioVsock.restore` the
 device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, and the guest drops its
@@ -61,6 +66,7 @@ from vmmkit.virtio.queue import DescriptorChain, QueueError
 
 from . import packet as P
 from .datapath import PythonDataPath
+from . import native as N
 from .host import TickTimer, listen_unix, same_file
 
 log = logging.getLogger("vmmkit.vsock")
@@ -89,6 +95,9 @@ TICK = 0.25
 HOST_PORT_BASE = 1 << 30
 
 _CONFIG = struct.Struct("<Q")
+
+#: The data path engines (see the module docstring).
+ENGINES = ("native", "python")
 
 # Connection states.
 LOCAL_INIT = "local-init"      # host-initiated, waiting for the guest's RESPONSE
@@ -194,13 +203,17 @@ class VirtioVsock(VirtioDevice):
     device_id = ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, guest_cid: int, uds_path: str, *, datapath=None):
+    def __init__(self, name: str, guest_cid: int, uds_path: str, *, datapath=None, engine: str = "native"):
+        if engine not in ENGINES:
+            raise ValueError(f"unknown vsock engine {engine!r}; expected one of {', '.join(ENGINES)}")
         if not P.MIN_GUEST_CID <= guest_cid <= P.MAX_GUEST_CID:
             raise ValueError(f"guest CID {guest_cid} is outside {P.MIN_GUEST_CID}..{P.MAX_GUEST_CID}")
         super().__init__(name)
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.datapath = datapath or PythonDataPath()
+        self.engine = engine
+        self._native = N.NativeVsockPath(P.MAX_PKT_PAYLOAD) if engine == "native" else None
         #: Counters for diagnostics and tests (bad packets, refusals, bytes each way).
         self.stats: collections.Counter = collections.Counter()
         self._listener = listen_unix(uds_path)
@@ -238,6 +251,8 @@ class VirtioVsock(VirtioDevice):
         """Stop the worker and drop every connection (their Unix streams are closed); keep listening."""
         super().reset()
         self._drop_all()
+        if self._native is not None:
+            self._native.forget()
 
     def fail(self, why: str) -> None:
         """The driver broke the protocol: drop every connection and stop accepting until a reset."""
@@ -332,15 +347,57 @@ class VirtioVsock(VirtioDevice):
         queue, memory = ctx.queues[TX], ctx.memory
         if not queue.ready:
             return
+        irq = False
         while True:
+            if self._native is not None:
+                irq |= self._native_tx(queue, memory)
             while (chain := queue.pop(memory)) is not None:
                 self._handle_tx(chain)
                 queue.add_used(memory, chain.head, 0)
+                if self._native is not None:
+                    irq |= self._native_tx(queue, memory)
             if not queue.rearm(memory):
                 break
-        if queue.needs_interrupt(memory):
+        if queue.needs_interrupt(memory) or irq:
             ctx.signal_used()
         self._process_rx()
+
+    def _native_tx(self, queue, memory) -> bool:
+        """Stream data from the guest straight to its sockets, in C, up to the first packet that is anything else.
+
+        Only connections that could take the data at once are in C's table:
+        established, not shut for sending by the guest, nothing buffered.
+        Returns whether the driver wants an interrupt for what C used.
+        """
+        conns = [c for c in self._conns.values()
+                 if c.state == ESTABLISHED and c.sock is not None and not c.tx_chunks and not c.dead
+                 and not c.peer_shut & P.SHUTDOWN_SEND]
+        if not conns:
+            return False
+        done = self._native.tx_burst(memory, queue, self.guest_cid,
+                                     [(c.local_port, c.peer_port, c.sock.fileno(), BUF_ALLOC - c.tx_len)
+                                      for c in conns])
+        if not done.packets:
+            return done.interrupt
+        self.stats["tx_native_packets"] += done.packets
+        for i, (conn, got) in enumerate(zip(conns, done.conns)):
+            if not got.packets:
+                continue
+            conn.peer_buf_alloc, conn.peer_fwd_cnt = got.buf_alloc, got.fwd_cnt
+            if self._credit(conn):
+                conn.credit_requested = False
+            conn.tx_cnt = (conn.tx_cnt + got.bytes) & P.U32
+            conn.fwd_cnt = (conn.fwd_cnt + got.sent) & P.U32
+            self.stats["tx_bytes"] += got.bytes
+            if i == done.spill_conn:
+                if done.err_no:
+                    self._reset(conn, f"host write failed: {os.strerror(done.err_no)}")
+                    continue
+                conn.tx_chunks.append(done.spill)
+                conn.tx_len += len(done.spill)
+            self._check_credit_update(conn)
+            self._refresh(conn)
+        return done.interrupt
 
     def _handle_tx(self, chain: DescriptorChain) -> None:
         memory = self.ctx.memory
@@ -401,9 +458,8 @@ class VirtioVsock(VirtioDevice):
     def _guest_connect(self, local_port: int, peer_port: int, buf_alloc: int, fwd_cnt: int) -> None:
         """A guest REQUEST to host port *local_port*: connect to ``<uds_path>_<port>`` or answer RST."""
         if len(self._conns) >= MAX_CONNECTIONS:
-            self.stats["refused_limit"] += 1
-            log.warning("%s: %d connections open; refusing the guest's connection to port %d",
-                        self.name, len(self._conns), local_port)
+            self._refused(f"{len(self._conns)} connections open; refusing the guest's connection "
+                          f"to port {local_port}")
             self._queue_rst(local_port, peer_port)
             return
         path = f"{self.uds_path}_{local_port}"
@@ -497,8 +553,16 @@ class VirtioVsock(VirtioDevice):
         queue, memory = ctx.queues[RX], ctx.memory
         if not queue.ready:
             return
-        used = False
+        used = irq = False
         while self._rst_queue or self._next_ready() is not None:
+            if self._native is not None and not self._rst_queue and self._bulk_rx(self._rx_ready[0]):
+                done = self._native_rx(queue, memory)
+                irq |= done.interrupt
+                if done.stop == N.STOP_EMPTY:
+                    break  # C re-armed the ring: the guest kicks when it posts more buffers
+                if done.stop not in (N.STOP_EOF, N.STOP_ERROR):
+                    continue
+                # The end of the stream or an error: the per-packet path below tells the guest.
             chain = queue.pop(memory)
             if chain is None:
                 if queue.rearm(memory):
@@ -506,8 +570,37 @@ class VirtioVsock(VirtioDevice):
                 break  # the guest kicks when it posts more buffers
             queue.add_used(memory, chain.head, self._fill_rx(chain))
             used = True
-        if used and queue.needs_interrupt(memory):
+        if (used and queue.needs_interrupt(memory)) or irq:
             ctx.signal_used()
+
+    def _bulk_rx(self, conn: Connection) -> bool:
+        """Whether the connection's next packets are plain stream data, for the native engine."""
+        return (not conn.owe & (OWE_RESPONSE | OWE_REQUEST) and not conn.prefix and conn.readable != NOT_READABLE
+                and self._wants_data(conn) and self._credit(conn) > 0)
+
+    def _native_rx(self, queue, memory) -> "N.RxResult":
+        """A burst of the front connection's host bytes into rx buffers, in C; the connection takes its turn."""
+        conn = self._rx_ready[0]
+        hdr = P.pack(P.HOST_CID, self.guest_cid, conn.local_port, conn.peer_port, P.OP_RW,
+                     buf_alloc=BUF_ALLOC, fwd_cnt=conn.fwd_cnt)
+        done = self._native.rx_burst(memory, queue, conn.sock.fileno(), hdr, self._credit(conn))
+        if done.too_small:
+            self.stats["rx_buffer_too_small"] += done.too_small
+        if done.packets:
+            self.stats["rx_native_packets"] += done.packets
+            conn.rx_cnt = (conn.rx_cnt + done.bytes) & P.U32
+            self.stats["rx_bytes"] += done.bytes
+            conn.owe &= ~OWE_CREDIT_UPDATE  # every header carried fwd_cnt
+            conn.last_fwd_sent = conn.fwd_cnt
+        if done.stop in (N.STOP_EOF, N.STOP_ERROR):
+            conn.readable = READABLE  # the per-packet path reads the end (or the error) itself
+            return done
+        if done.stop == N.STOP_AGAIN:
+            conn.readable = NOT_READABLE
+        self._rx_ready.popleft()
+        conn.queued = False
+        self._refresh(conn)  # back of the queue if it has more: connections take turns
+        return done
 
     def _next_ready(self) -> Optional[Connection]:
         """The first connection in the ready queue that has a packet to give, dropping the others."""
@@ -596,7 +689,7 @@ class VirtioVsock(VirtioDevice):
         # End of the host's stream: it sends nothing more; gone altogether if both directions are shut.
         conn.host_eof = True
         conn.readable = NOT_READABLE
-        if not conn.host_gone and _hung_up(conn.sock):
+        if not conn.host_gone and _hangup_events(conn.sock) & EPOLLHUP:
             conn.host_gone = True
         if conn.host_gone:
             self._enter_closing(conn)
@@ -713,6 +806,11 @@ class VirtioVsock(VirtioDevice):
         if told:
             self._queue_rst(conn.local_port, conn.peer_port)
 
+    def _refused(self, why: str) -> None:
+        """A connection refused for a limit: counted always, logged the first time (a guest can repeat it)."""
+        self.stats["refused_limit"] += 1
+        (log.warning if self.stats["refused_limit"] == 1 else log.debug)("%s: %s", self.name, why)
+
     def _queue_rst(self, local_port: int, peer_port: int) -> None:
         if len(self._rst_queue) >= MAX_PENDING_RST:
             self.stats["rst_dropped"] += 1
@@ -723,6 +821,10 @@ class VirtioVsock(VirtioDevice):
     def _on_conn_event(self, conn: Connection, events: int) -> None:
         if conn.dead:
             return
+        if events & (EPOLLERR | EPOLLHUP):
+            # Ask the socket itself: an event fetched for an fd that was closed and reused for this
+            # connection within the same batch (see vmmkit.epoll) must not end it.
+            events = (events & ~(EPOLLERR | EPOLLHUP)) | _hangup_events(conn.sock)
         if events & EPOLLERR:
             self._reset(conn, "host socket error (closed with our bytes unread?)")
         elif events & EPOLLHUP:
@@ -802,8 +904,8 @@ class VirtioVsock(VirtioDevice):
                 self._timer.arm(TICK)
                 return
             if len(self._handshakes) >= MAX_HANDSHAKES or len(self._conns) >= MAX_CONNECTIONS:
-                self.stats["refused_limit"] += 1
-                log.warning("%s: too many host connections; closing a new one", self.name)
+                self._refused(f"{len(self._conns)} connections and {len(self._handshakes)} CONNECT lines "
+                              f"pending; closing a new host connection")
                 sock.close()
                 continue
             sock.setblocking(False)
@@ -838,7 +940,7 @@ class VirtioVsock(VirtioDevice):
             return
         del self._handshakes[hs.sock.fileno()]
         if len(self._conns) >= MAX_CONNECTIONS:
-            self.stats["refused_limit"] += 1
+            self._refused(f"{len(self._conns)} connections open; closing the host connection to port {port}")
             self._loop.remove(hs.sock)
             hs.sock.close()
             return
@@ -914,8 +1016,11 @@ class VirtioVsock(VirtioDevice):
             ctx.signal_used()
 
 
-def _hung_up(sock: socket.socket) -> bool:
-    """Whether both directions of a Unix stream are shut (the peer closed, not just its write side)."""
+def _hangup_events(sock: socket.socket) -> int:
+    """EPOLLERR / EPOLLHUP as the socket has them now (HUP: both directions of the stream are shut)."""
     poller = select.poll()
     poller.register(sock, 0)
-    return any(ev & select.POLLHUP for _fd, ev in poller.poll(0))
+    revents = 0
+    for _fd, ev in poller.poll(0):
+        revents |= ev
+    return (EPOLLERR if revents & select.POLLERR else 0) | (EPOLLHUP if revents & select.POLLHUP else 0)

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from api_fakes import FakeVm, Stopwatch, parse_response, raw, run_threads
+from api_fakes import FakeVm, parse_response, raw, run_threads
 from vmmkit import threads
 from vmmkit.api import ApiError, ApiServer, ApiSocketError, CORE_ROUTES, make_server
 from vmmkit.api.client import ApiClient, ApiClientError
@@ -226,23 +226,32 @@ def test_many_clients_at_once(serve, sock_path):
     run_threads(16, client)
 
 
-def test_a_slow_client_does_not_block_others_and_is_cut_off(serve, sock_path):
-    serve(request_timeout=1.0, idle_timeout=1.0)
+def _slow_and_silent(sock_path):
     slow = socket.socket(socket.AF_UNIX)
-    slow.settimeout(10)
+    slow.settimeout(30)
     slow.connect(sock_path)
     slow.sendall(b"GET /vm HTTP/1.1\r\nHost:")  # ... and nothing more
     silent = socket.socket(socket.AF_UNIX)
+    silent.settimeout(30)
     silent.connect(sock_path)  # connects, never sends a byte
-    with Stopwatch() as sw:
-        for _ in range(20):
-            assert ApiClient(sock_path, timeout=5).call("GET", "/vm")["state"] == "running"
-    assert sw.elapsed < 2.0
-    with Stopwatch() as sw:
-        out = slow.recv(65536)
-    assert parse_response(out)[0] == 408
-    assert sw.elapsed < 3.0
-    silent.settimeout(5)
+    return slow, silent
+
+
+def test_a_slow_client_does_not_block_others(serve, sock_path):
+    # The server would wait a minute for the slow ones; a client gives up after 10 s. So these
+    # calls only succeed if nobody waits for the slow and the silent connection.
+    serve(request_timeout=60.0, idle_timeout=60.0)
+    slow, silent = _slow_and_silent(sock_path)
+    for _ in range(20):
+        assert ApiClient(sock_path, timeout=10).call("GET", "/vm")["state"] == "running"
+    slow.close()
+    silent.close()
+
+
+def test_a_slow_client_is_cut_off_and_an_idle_one_closed(serve, sock_path):
+    serve(request_timeout=1.0, idle_timeout=1.0)
+    slow, silent = _slow_and_silent(sock_path)
+    assert parse_response(slow.recv(65536))[0] == 408
     assert silent.recv(100) == b""  # an idle connection is closed without an answer
     slow.close()
     silent.close()
@@ -448,14 +457,16 @@ def test_requests_during_close_do_not_hang(sock_path):
         s.connect(sock_path)
         conns.append(s)
     time.sleep(0.1)
-    with Stopwatch() as sw:
-        server.close()
-    assert sw.elapsed < 2
+    # A hang, not a speed, is what this catches: the bound is far above any normal close.
+    closer = threading.Thread(target=server.close)
+    closer.start()
+    closer.join(30)
+    assert not closer.is_alive(), "close() hung with idle connections open"
     for s in conns:
-        s.settimeout(2)
+        s.settimeout(30)
         assert s.recv(10) == b""
         s.close()
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 30
     while server.connection_count and time.monotonic() < deadline:
         time.sleep(0.01)
     assert server.connection_count == 0

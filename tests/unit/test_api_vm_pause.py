@@ -211,9 +211,7 @@ def test_stop_while_paused_ends_the_vm(machine):
         wait_progress(vm, 5)
         vm.pause()
         vm.stop()
-    with_timeout = time.monotonic()
     assert run_with(machine, control) == 0
-    assert time.monotonic() - with_timeout < 8
     assert machine.state == "stopped"
     with pytest.raises(VmStateError, match="stopped"):
         machine.pause()

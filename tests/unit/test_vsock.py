@@ -15,6 +15,7 @@ import os
 import socket
 import stat
 import struct
+import threading
 import time
 
 import attrs
@@ -127,10 +128,16 @@ def uds(tmp_path):
     return str(tmp_path / "v.sock")
 
 
+@pytest.fixture(params=["native", "python"])
+def engine(request):
+    """Every device test runs against both data paths: the C engine and the Python reference."""
+    return request.param
+
+
 @pytest.fixture
-def vsock(virtio_harness, uds):
+def vsock(virtio_harness, uds, engine):
     """(device, bench, guest) with 32 rx buffers posted."""
-    device = VirtioVsock("vsock0", CID, uds)
+    device = VirtioVsock("vsock0", CID, uds, engine=engine)
     bench = virtio_harness(device)
     guest = Guest(bench)
     guest.post_rx(32)
@@ -141,7 +148,10 @@ def host_connect(uds, port, line=None):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(10)
     s.connect(uds)
-    s.sendall(line if line is not None else f"CONNECT {port}\n".encode())
+    try:
+        s.sendall(line if line is not None else f"CONNECT {port}\n".encode())
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the device closed it first (a limit): the caller sees the stream closed
     return s
 
 
@@ -176,7 +186,7 @@ def establish(guest, uds, port=5000, guest_port=None):
     return s, req.src_port, port
 
 
-def closed(s, timeout=5.0) -> bool:
+def closed(s, timeout=30.0) -> bool:
     """Whether the host socket sees end of stream (or a reset) within *timeout*."""
     s.settimeout(timeout)
     try:
@@ -299,14 +309,14 @@ def test_bytes_after_the_connect_line_reach_the_guest_first(vsock, uds):
     assert guest.recv_op(RW).data == b" and later ones"
 
 
-def test_no_listener_in_the_guest_closes_the_host_stream_promptly(vsock, uds):
+def test_no_listener_in_the_guest_closes_the_host_stream_promptly(vsock, uds, monkeypatch):
+    # With the request timeout out of reach, only the guest's RST can close the stream in time.
+    monkeypatch.setattr(vsock_device, "REQUEST_TIMEOUT", 3600.0)
     device, _, guest = vsock
     s = host_connect(uds, 7777)
     req = guest.recv_op(REQUEST)
-    started = time.monotonic()
     guest.send(RST, 7777, req.src_port)  # what Linux answers when nothing listens
     assert closed(s)
-    assert time.monotonic() - started < 2
     assert device.connection_count() == 0
 
 
@@ -340,7 +350,7 @@ def test_unanswered_request_times_out(vsock, uds, monkeypatch):
     device, _, guest = vsock
     s = host_connect(uds, 5000)
     req = guest.recv_op(REQUEST)
-    assert closed(s, timeout=5)
+    assert closed(s)
     rst = guest.recv_op(RST)
     assert (rst.src_port, rst.dst_port) == (req.src_port, 5000)
     assert device.connection_count() == 0
@@ -385,6 +395,24 @@ def test_many_connections_at_once_keep_their_data_apart(vsock, uds):
     assert device.connection_count() == 64
 
 
+def test_connection_limit_refuses_new_ones_both_ways(vsock, uds, monkeypatch):
+    monkeypatch.setattr(vsock_device, "MAX_CONNECTIONS", 2)
+    device, _, guest = vsock
+    first = establish(guest, uds, port=5000)[0]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(f"{uds}_6000")
+    listener.listen(4)
+    guest.send(REQUEST, 2000, 6000)
+    guest.recv_op(RESPONSE)
+    assert closed(host_connect(uds, 5001))  # a third, from the host
+    guest.send(REQUEST, 2001, 6000)  # a third, from the guest
+    assert guest.recv_op(RST).dst_port == 2001
+    assert device.stats["refused_limit"] == 2
+    first.sendall(b"the first still works")
+    assert guest.recv_op(RW).data == b"the first still works"
+    listener.close()
+
+
 # ----- credit and bounded memory -----
 
 def test_host_to_guest_respects_the_guest_credit(vsock, uds):
@@ -425,8 +453,8 @@ def test_host_to_guest_respects_the_guest_credit(vsock, uds):
     assert got == payload
 
 
-def test_a_guest_that_does_not_read_makes_the_host_writer_block_not_the_vmm_grow(virtio_harness, uds):
-    device = VirtioVsock("vsock0", CID, uds)
+def test_a_guest_that_does_not_read_makes_the_host_writer_block_not_the_vmm_grow(virtio_harness, uds, engine):
+    device = VirtioVsock("vsock0", CID, uds, engine=engine)
     bench = virtio_harness(device)
     guest = Guest(bench)
     guest.post_rx(1)
@@ -650,8 +678,8 @@ def test_hostile_headers_are_refused_without_breaking_the_device(vsock, uds):
     assert guest.recv_op(RW).data == b"ok"
 
 
-def test_rx_buffers_too_small_for_a_header_are_returned_unused(virtio_harness, uds):
-    device = VirtioVsock("vsock0", CID, uds)
+def test_rx_buffers_too_small_for_a_header_are_returned_unused(virtio_harness, uds, engine):
+    device = VirtioVsock("vsock0", CID, uds, engine=engine)
     bench = virtio_harness(device)
     guest = Guest(bench)
     guest.post_rx(2, size=16)
@@ -661,8 +689,8 @@ def test_rx_buffers_too_small_for_a_header_are_returned_unused(virtio_harness, u
     assert not bench.needs_reset
 
 
-def test_rst_flood_without_rx_buffers_stays_bounded(virtio_harness, uds):
-    device = VirtioVsock("vsock0", CID, uds)
+def test_rst_flood_without_rx_buffers_stays_bounded(virtio_harness, uds, engine):
+    device = VirtioVsock("vsock0", CID, uds, engine=engine)
     bench = virtio_harness(device)
     guest = Guest(bench)
     for i in range(MAX_PENDING_RST + 50):
@@ -718,6 +746,23 @@ def test_restore_refuses_another_cid_or_version(vsock):
         device.restore(VsockState(version=2, guest_cid=CID))
 
 
+def test_a_stale_hangup_event_does_not_end_a_live_connection(vsock, uds):
+    # The event loop may hand a connection an event fetched for a closed fd whose number it reuses.
+    from vmmkit.epoll import EPOLLERR, EPOLLHUP
+    device, _, guest = vsock
+    s, hport, gport = establish(guest, uds)
+    (conn,) = device._conns.values()
+    assert device.pause()
+    try:
+        device._on_conn_event(conn, EPOLLHUP | EPOLLERR)  # as the worker would, while it is parked
+    finally:
+        device.resume()
+    s.sendall(b"still alive")
+    assert guest.recv_op(RW).data == b"still alive"
+    guest.send(RW, gport, hport, b"both ways")
+    assert recv_exact(s, 9) == b"both ways"
+
+
 def test_pause_stops_the_data_path_until_resumed(vsock, uds):
     device, _, guest = vsock
     s, _, _ = establish(guest, uds)
@@ -728,8 +773,8 @@ def test_pause_stops_the_data_path_until_resumed(vsock, uds):
     assert guest.recv_op(RW).data == b"while paused"
 
 
-def test_device_writes_guest_memory_only_inside_posted_buffers_and_used_rings(virtio_harness, uds):
-    device = VirtioVsock("vsock0", CID, uds)
+def test_device_writes_guest_memory_only_inside_posted_buffers_and_used_rings(virtio_harness, uds, engine):
+    device = VirtioVsock("vsock0", CID, uds, engine=engine)
     bench = virtio_harness(device)
     guest = Guest(bench)
     # Every byte the driver has not handed out yet holds a canary; the driver records what it hands out.
@@ -775,3 +820,186 @@ def test_device_writes_guest_memory_only_inside_posted_buffers_and_used_rings(vi
         stray += [hex(start + pos) for pos in range(page, min(page + 4096, end - start))
                   if after[pos] != canary[pos] and not mine[pos]]
     assert not stray, f"writes outside anything the driver handed out: {stray[:10]}"
+
+
+# ----- the [[device]] table and create() -----
+
+def load(tmp_path, text):
+    from vmmkit.config import load_config
+    from vmmkit_plugins.vsock import VsockSpec
+    path = tmp_path / "vm.toml"
+    path.write_text(text)
+    return load_config(path, device_kinds={"vsock": VsockSpec})
+
+
+def test_table_resolves_uds_path_against_the_toml_directory(tmp_path):
+    spec = load(tmp_path, '[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "v.sock"\n')
+    options = spec.devices[0].options
+    assert (options.guest_cid, options.uds_path) == (3, str(tmp_path / "v.sock"))
+
+
+@pytest.mark.parametrize("body,message", [
+    ('guest_cid = 2\nuds_path = "v.sock"', "guest_cid: expected a value from 3 to 4294967294, found 2"),
+    ('guest_cid = 4294967295\nuds_path = "v.sock"', "guest_cid: expected a value from 3 to 4294967294"),
+    ('uds_path = "v.sock"', "guest_cid: required key missing"),
+    ('guest_cid = 3', "uds_path: required key missing"),
+    ('guest_cid = 3\nuds_path = "/' + "x" * 120 + '"', "uds_path: expected a Unix socket path of at most 107 bytes"),
+])
+def test_table_mistakes_are_named(tmp_path, body, message):
+    from vmmkit.schema import ConfigError
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, f'[[device]]\nkind = "vsock"\n{body}\n')
+    assert message in str(info.value)
+
+
+class FakeVm:
+    def __init__(self, fail=False):
+        self.devices, self.attached, self.fail = {}, [], fail
+
+    def add_virtio_device(self, device):
+        if self.fail:
+            raise VmmkitError("too many virtio devices")
+        self.attached.append(device)
+
+
+def test_create_attaches_one_device_and_refuses_a_second(tmp_path):
+    from vmmkit_plugins.vsock import create
+    spec = load(tmp_path, f'[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "a.sock"\n'
+                          f'[[device]]\nkind = "vsock"\nguest_cid = 4\nuds_path = "b.sock"\n')
+    vm = FakeVm()
+    first = create(vm, spec.devices[0])
+    vm.devices[spec.devices[0].id] = first
+    try:
+        assert vm.attached == [first] and first.guest_cid == 3
+        with pytest.raises(VmmkitError, match="at most one vsock device"):
+            create(vm, spec.devices[1])
+        assert not os.path.exists(tmp_path / "b.sock")
+    finally:
+        first.close()
+    assert not os.path.exists(tmp_path / "a.sock")
+
+
+def test_create_removes_the_socket_when_the_vm_refuses_the_device(tmp_path):
+    from vmmkit_plugins.vsock import create
+    spec = load(tmp_path, '[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "a.sock"\n')
+    with pytest.raises(VmmkitError, match="too many"):
+        create(FakeVm(fail=True), spec.devices[0])
+    assert not os.path.exists(tmp_path / "a.sock")
+
+
+# ----- a guest that behaves like Linux's virtio_transport, echoing on several connections -----
+
+class EchoGuest:
+    """Accepts connections on a port and echoes, keeping the credit rules both ways as Linux does.
+
+    Its receive buffer is small (*buf_alloc*) and its application reads in small
+    bites, so the device has to stop at the guest's credit and wait for updates;
+    it sends only what the device's credit allows. A packet past its credit
+    fails the test (Linux would drop it silently and the stream would break).
+    """
+
+    def __init__(self, guest, port, buf_alloc=48 * KiB, bite=7 * KiB):
+        self.g, self.port, self.buf_alloc, self.bite = guest, port, buf_alloc, bite
+        self.conns = {}
+        self.errors = []
+
+    def conn(self, key):
+        return self.conns.setdefault(key, {"rx": bytearray(), "fwd": 0, "last_fwd": 0, "eof": False,
+                                           "tx": 0, "peer_buf": 0, "peer_fwd": 0, "shut_sent": False})
+
+    def hdr_args(self, c):
+        return dict(buf_alloc=self.buf_alloc, fwd_cnt=c["fwd"])
+
+    def step(self):
+        g = self.g
+        g._collect()
+        free = g.rxq.num_free() // 2
+        if free:
+            g.post_rx(free, split=True)
+        while g.inbox:
+            pkt = g.inbox.popleft()
+            key = (pkt.dst_port, pkt.src_port)
+            if pkt.op == REQUEST and pkt.dst_port == self.port:
+                c = self.conn(key)
+                c["peer_buf"], c["peer_fwd"] = pkt.buf_alloc, pkt.fwd_cnt
+                g.send(RESPONSE, self.port, pkt.src_port, **self.hdr_args(c))
+                continue
+            c = self.conns.get(key)
+            if c is None:
+                continue
+            c["peer_buf"], c["peer_fwd"] = pkt.buf_alloc, pkt.fwd_cnt
+            if pkt.op == RW:
+                if len(c["rx"]) + len(pkt.data) > self.buf_alloc:
+                    self.errors.append(f"{key}: {len(pkt.data)} bytes past the credit")
+                c["rx"] += pkt.data
+            elif pkt.op == CREDIT_REQUEST:
+                g.send(CREDIT_UPDATE, key[0], key[1], **self.hdr_args(c))
+            elif pkt.op == SHUTDOWN:
+                if pkt.flags & SHUT_SEND:
+                    c["eof"] = True
+                if pkt.flags == SHUT_RCV | SHUT_SEND and not c["rx"]:
+                    g.send(RST, key[0], key[1])  # what Linux does: nothing left, so reset
+                    del self.conns[key]
+            elif pkt.op == RST:
+                del self.conns[key]
+        for key, c in list(self.conns.items()):
+            # The application: read a bite, echo it within the device's credit.
+            credit = c["peer_buf"] - (c["tx"] - c["peer_fwd"])
+            n = min(self.bite, len(c["rx"]), credit, 64 * KiB)
+            if n > 0:
+                data = bytes(c["rx"][:n])
+                del c["rx"][:n]
+                c["fwd"] += n
+                c["tx"] += n
+                g.send(RW, key[0], key[1], data, **self.hdr_args(c))
+                c["last_fwd"] = c["fwd"]
+            elif c["fwd"] - c["last_fwd"] and self.buf_alloc - (c["fwd"] - c["last_fwd"]) < 16 * KiB:
+                g.send(CREDIT_UPDATE, key[0], key[1], **self.hdr_args(c))
+                c["last_fwd"] = c["fwd"]
+            if c["eof"] and not c["rx"] and not c["shut_sent"]:
+                # Both directions are done: the application closes its socket (the device answers RST).
+                g.send(SHUTDOWN, key[0], key[1], flags=SHUT_SEND, **self.hdr_args(c))
+                g.send(SHUTDOWN, key[0], key[1], flags=SHUT_RCV | SHUT_SEND, **self.hdr_args(c))
+                c["shut_sent"] = True
+
+
+def test_echo_on_several_connections_with_small_guest_buffers_keeps_every_byte(virtio_harness, uds, engine):
+    device = VirtioVsock("vsock0", CID, uds, engine=engine)
+    bench = virtio_harness(device, memory_size=32 << 20)
+    guest = Guest(bench)
+    echo = EchoGuest(guest, 5000)
+    payloads = [os.urandom(600 * KiB + i * 1000) for i in range(4)]
+    results = [None] * len(payloads)
+    socks = [host_connect(uds, 5000) for _ in payloads]
+
+    def host(i):
+        s = socks[i]
+        assert read_line(s).startswith(b"OK ")
+        sender = threading.Thread(target=lambda: (s.sendall(payloads[i]), s.shutdown(socket.SHUT_WR)))
+        sender.start()
+        out = bytearray()
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        sender.join()
+        s.close()
+        results[i] = bytes(out)
+
+    hosts = [threading.Thread(target=host, args=(i,), daemon=True) for i in range(len(payloads))]
+    for t in hosts:
+        t.start()
+    deadline = time.monotonic() + 60
+    while any(t.is_alive() for t in hosts):
+        assert time.monotonic() < deadline, f"stalled: {[len(r or b'') for r in results]}, stats {device.stats}"
+        echo.step()
+        time.sleep(0.0005)
+    assert not echo.errors, echo.errors[:3]
+    assert [r == p for r, p in zip(results, payloads)] == [True] * len(payloads)
+    wait_for(lambda: (echo.step(), device.connection_count() == 0)[1], "every connection to end")
+    # The bulk bytes went through C both ways with the native engine, and never with the Python one.
+    native = (device.stats["rx_native_packets"], device.stats["tx_native_packets"])
+    assert (native[0] > 0 and native[1] > 0) if engine == "native" else native == (0, 0), native
+    assert device.buffered_bytes() == 0
+    assert not bench.needs_reset

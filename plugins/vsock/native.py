@@ -1,0 +1,132 @@
+"""The native engine of virtio-vsock: bursts of stream data in ``native/virtio_vsock.c``, GIL released.
+
+The device (:mod:`.device`) decides, per connection, whether the next packets
+are plain stream data; when they are, one call here moves many of them
+between the rings and the connection's socket, walking the queue in C. The
+Python path (:mod:`.datapath` and the device's per-packet code) remains the
+reference and serves everything else: handshakes, control packets, the end
+of a stream, errors, and whatever C leaves on the ring.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional, Sequence
+
+from vmmkit._native import ffi, lib
+from vmmkit.virtio.native import NativeMemory, load_queue, store_queue
+from vmmkit.virtio.queue import QueueError
+
+#: How a burst ended.
+STOP_BUDGET = lib.VMM_VSOCK_STOP_BUDGET
+STOP_EMPTY = lib.VMM_VSOCK_STOP_EMPTY
+STOP_AGAIN = lib.VMM_VSOCK_STOP_AGAIN
+STOP_EOF = lib.VMM_VSOCK_STOP_EOF
+STOP_ERROR = lib.VMM_VSOCK_STOP_ERROR
+STOP_PYTHON = lib.VMM_VSOCK_STOP_PYTHON
+STOP_SPILL = lib.VMM_VSOCK_STOP_SPILL
+
+
+class RxResult(NamedTuple):
+    """What an rx burst did: bytes and packets given to the guest, how it stopped, errno, interrupt wanted."""
+
+    bytes: int
+    packets: int
+    too_small: int
+    stop: int
+    err_no: int
+    interrupt: bool
+
+
+class TxConn(NamedTuple):
+    """What a tx burst did for one connection of its table."""
+
+    bytes: int        # payload the guest sent
+    sent: int         # of which the socket took
+    packets: int
+    buf_alloc: int    # the guest's credit fields from its last packet
+    fwd_cnt: int
+
+
+class TxResult(NamedTuple):
+    """What a tx burst did: per connection (table order), how it stopped, the spilled bytes, interrupt wanted."""
+
+    conns: List[TxConn]
+    packets: int
+    stop: int
+    spill_conn: int
+    spill: bytes
+    err_no: int
+    interrupt: bool
+
+
+class NativeVsockPath:
+    """Burst calls into ``native/virtio_vsock.c`` for one device (used from its worker thread only).
+
+    ``max_payload`` caps a packet's payload; ``max_packets`` caps one burst,
+    so connections take turns on the rx ring.
+    """
+
+    name = "native"
+
+    def __init__(self, max_payload: int, max_packets: int = 64) -> None:
+        self._nmem = NativeMemory()
+        self._vq = ffi.new("struct vmm_vq *")
+        self._rx = ffi.new("struct vmm_vsock_rx *")
+        self._tx = ffi.new("struct vmm_vsock_tx *")
+        self._err = ffi.new("char[]", 512)
+        self._spill = ffi.new("uint8_t[]", max_payload)
+        self.max_payload = max_payload
+        self.max_packets = max_packets
+        self._conns = ffi.new("struct vmm_vsock_conn[]", 1)
+        self._conns_cap = 1
+
+    def forget(self) -> None:
+        """Drop the memory table (the device was reset; nothing of ours runs in C now)."""
+        self._nmem.forget()
+
+    def rx_burst(self, memory, queue, fd: int, header: bytes, budget: int) -> RxResult:
+        """Fill rx buffers with stream data read from *fd*, each behind *header* (its length set per packet).
+
+        At most *budget* bytes (the guest's credit). Raises
+        :class:`QueueError` when the driver broke the ring.
+        """
+        self._nmem.sync(memory)
+        rx = self._rx
+        rx.fd = fd
+        ffi.memmove(rx.hdr, header, len(header))
+        rx.budget, rx.max_payload, rx.max_packets = budget, self.max_payload, self.max_packets
+        load_queue(self._vq, queue)
+        rc = lib.vmm_vsock_rx(self._nmem.struct, self._vq, rx, self._err, len(self._err))
+        store_queue(self._vq, queue)
+        if rc < 0:
+            raise QueueError(ffi.string(self._err).decode(errors="replace"))
+        return RxResult(rx.bytes, rx.packets, rx.too_small, rx.stop, rx.err_no, bool(rc))
+
+    def tx_burst(self, memory, queue, guest_cid: int,
+                 conns: Sequence[tuple]) -> Optional[TxResult]:
+        """Take the guest's stream-data packets for *conns* ``(local_port, peer_port, fd, room)`` off the tx ring.
+
+        Stops at the first packet that is anything else, leaving it for the
+        Python path. Raises :class:`QueueError` when the driver broke the ring.
+        """
+        n = len(conns)
+        if n > self._conns_cap:
+            self._conns_cap = max(n, 2 * self._conns_cap)
+            self._conns = ffi.new("struct vmm_vsock_conn[]", self._conns_cap)
+        table = self._conns
+        for i, (local_port, peer_port, fd, room) in enumerate(conns):
+            c = table[i]
+            c.local_port, c.peer_port, c.fd, c.room = local_port, peer_port, fd, room
+        self._nmem.sync(memory)
+        tx = self._tx
+        tx.guest_cid, tx.conns, tx.nconns = guest_cid, table, n
+        tx.max_payload, tx.max_packets, tx.spill = self.max_payload, 1 << 30, self._spill
+        load_queue(self._vq, queue)
+        rc = lib.vmm_vsock_tx(self._nmem.struct, self._vq, tx, self._err, len(self._err))
+        store_queue(self._vq, queue)
+        if rc < 0:
+            raise QueueError(ffi.string(self._err).decode(errors="replace"))
+        done = [TxConn(table[i].bytes, table[i].sent, table[i].packets, table[i].buf_alloc, table[i].fwd_cnt)
+                for i in range(n)]
+        spill = bytes(ffi.buffer(self._spill, tx.spill_len)) if tx.stop == STOP_SPILL else b""
+        return TxResult(done, tx.packets, tx.stop, tx.spill_conn, spill, tx.err_no, bool(rc))
