@@ -82,7 +82,7 @@ static uint16_t vmm_le16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); retur
  * (after re-arming avail_event and looking once more), or -2 on a broken ring. */
 static int vmm_vsock_peek(struct vmm_q *q, char *err, size_t errlen)
 {
-    uint32_t pending;
+    uint32_t pending = 0;
     if (vmm_q_pending(q, &pending, err, errlen))
         return -2;
     if (!pending) {
@@ -141,6 +141,28 @@ static __thread uint32_t vmm_vsock_segs_n;
 static __thread struct iovec vmm_vsock_iov[VMM_IOV_MAX];
 static __thread struct vmm_ioreg vmm_vsock_reg[VMM_IOV_MAX];
 
+/* Set up the ring and the scratch space for a burst; -1 (err says why) when the ring is not in guest RAM. */
+static int vmm_vsock_open(struct vmm_q *q, struct vmm_mem *mem, struct vmm_vq *vq, char *err, size_t errlen)
+{
+    if (vmm_q_setup(q, mem, vq, err, errlen))
+        return -1;
+    if (vmm_vsock_segs_cap(&vmm_vsock_segs, &vmm_vsock_segs_n, q->size))
+        return vmm_fail(err, errlen, "internal error: out of memory for a queue of %u", q->size);
+    return 0;
+}
+
+/* Walk the next posted chain into the scratch segments without taking it:
+ * 1 when there is one, 0 when none is posted, -1 when the ring is broken. */
+static int vmm_vsock_next(struct vmm_q *q, struct vmm_chain *c, char *err, size_t errlen)
+{
+    int head = vmm_vsock_peek(q, err, errlen);
+    if (head == -1)
+        return 0;
+    if (head < 0 || vmm_q_walk(q, (uint16_t)head, vmm_vsock_segs, c, err, errlen))
+        return -1;
+    return 1;
+}
+
 /* rx: fill the guest's rx buffers from one connection's socket until its
  * credit, the packet budget, the buffers or the socket's bytes run out.
  * Returns -1 when the ring is broken (err says how: NEEDS_RESET), else 1 if
@@ -155,32 +177,24 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
     rx->stop = VMM_VSOCK_STOP_BUDGET;
     rx->err_no = 0;
     struct vmm_q q;
-    if (vmm_q_setup(&q, mem, vq, err, errlen))
+    if (vmm_vsock_open(&q, mem, vq, err, errlen))
         return -1;
-    if (vmm_vsock_segs_cap(&vmm_vsock_segs, &vmm_vsock_segs_n, q.size))
-        return vmm_fail(err, errlen, "internal error: out of memory for a queue of %u", q.size);
     uint32_t added = 0;
     int bad = 0;
     while (rx->packets < rx->max_packets && rx->budget > rx->bytes) {
-        int head = vmm_vsock_peek(&q, err, errlen);
-        if (head == -2) {
-            bad = 1;
-            break;
-        }
-        if (head < 0) {
+        struct vmm_chain c;
+        int got_chain = vmm_vsock_next(&q, &c, err, errlen);
+        if (got_chain <= 0) {
+            bad = got_chain < 0;
             rx->stop = VMM_VSOCK_STOP_EMPTY;
             break;
         }
-        struct vmm_chain c;
-        if (vmm_q_walk(&q, (uint16_t)head, vmm_vsock_segs, &c, err, errlen)) {
-            bad = 1;
-            break;
-        }
+        uint16_t head = c.head;
         struct vmm_seg *w = vmm_vsock_segs + c.nr;
         if (c.wlen < VMM_VSOCK_HDR + 1) {
             /* As the Python path: a buffer that cannot hold a packet is returned empty. */
             rx->too_small++;
-            vmm_vsock_used(&q, (uint16_t)head, 0);
+            vmm_vsock_used(&q, head, 0);
             added++;
             continue;
         }
@@ -223,7 +237,7 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
         uint32_t len32 = (uint32_t)got;
         memcpy(hdr + 24, &len32, 4);
         vmm_segs_write(mem, w, c.nw, 0, hdr, sizeof(hdr));
-        vmm_vsock_used(&q, (uint16_t)head, VMM_VSOCK_HDR + len32);
+        vmm_vsock_used(&q, head, VMM_VSOCK_HDR + len32);
         added++;
         rx->bytes += (uint64_t)got;
         rx->packets++;
@@ -268,27 +282,19 @@ static int vmm_vsock_tx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
         k->packets = 0;
     }
     struct vmm_q q;
-    if (vmm_q_setup(&q, mem, vq, err, errlen))
+    if (vmm_vsock_open(&q, mem, vq, err, errlen))
         return -1;
-    if (vmm_vsock_segs_cap(&vmm_vsock_segs, &vmm_vsock_segs_n, q.size))
-        return vmm_fail(err, errlen, "internal error: out of memory for a queue of %u", q.size);
     uint32_t added = 0;
     int bad = 0;
     while (tx->packets < tx->max_packets) {
-        int head = vmm_vsock_peek(&q, err, errlen);
-        if (head == -2) {
-            bad = 1;
-            break;
-        }
-        if (head < 0) {
+        struct vmm_chain c;
+        int got_chain = vmm_vsock_next(&q, &c, err, errlen);
+        if (got_chain <= 0) {
+            bad = got_chain < 0;
             tx->stop = VMM_VSOCK_STOP_EMPTY;
             break;
         }
-        struct vmm_chain c;
-        if (vmm_q_walk(&q, (uint16_t)head, vmm_vsock_segs, &c, err, errlen)) {
-            bad = 1;
-            break;
-        }
+        uint16_t head = c.head;
         uint8_t hdr[VMM_VSOCK_HDR];
         if (c.rlen < VMM_VSOCK_HDR || vmm_segs_read(vmm_vsock_segs, c.nr, 0, hdr, sizeof(hdr)) != sizeof(hdr)) {
             tx->stop = VMM_VSOCK_STOP_PYTHON;
@@ -326,7 +332,7 @@ static int vmm_vsock_tx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
         k->sent += (uint64_t)sent;
         k->packets++;
         tx->packets++;
-        vmm_vsock_used(&q, (uint16_t)head, 0);
+        vmm_vsock_used(&q, head, 0);
         added++;
         if ((uint64_t)sent < len) {
             tx->spill_conn = (int32_t)(k - tx->conns);

@@ -1003,3 +1003,15 @@ def test_echo_on_several_connections_with_small_guest_buffers_keeps_every_byte(v
     assert (native[0] > 0 and native[1] > 0) if engine == "native" else native == (0, 0), native
     assert device.buffered_bytes() == 0
     assert not bench.needs_reset
+
+
+def test_a_descriptor_loop_on_the_tx_ring_needs_reset_and_closes_the_host_streams(vsock, uds):
+    # With the native engine C walks the tx ring first: it must catch the loop as the Python walker does.
+    device, bench, guest = vsock
+    s = establish(guest, uds)[0]
+    buf = bench.alloc.alloc(4096)
+    bench.queues[TX].add_raw({200: (buf, HDR.size, 1, 201), 201: (buf + HDR.size, 64, 1, 200)})  # NEXT both ways
+    bench.driver.notify(TX)
+    wait_for(lambda: bench.needs_reset, "NEEDS_RESET")
+    assert closed(s)
+    assert device.connection_count() == 0
