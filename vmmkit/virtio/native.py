@@ -42,11 +42,11 @@ class NativeMemory:
             if mm is None:
                 continue  # closed under us: it is not guest RAM any more
             try:
-                host = ffi.from_buffer("uint8_t[]", mm)
+                pin = ffi.from_buffer("uint8_t[]", mm)
             except (ValueError, TypeError):
                 continue
-            pins += [host, r.dirty_ptr]
-            entries.append((r, host))
+            pins += [pin, r.dirty_ptr]
+            entries.append((r, pin + r.mm_offset))
         regions = ffi.new("struct vmm_region[]", max(1, len(entries)))
         for i, (r, host) in enumerate(entries):
             c = regions[i]
