@@ -84,11 +84,18 @@ def main() -> int:
     def med(name, k):
         return statistics.median(r[k] for r in results[name])
 
+    def best(name, k):
+        return min(r[k] for r in results[name])
+
     print(f"\nboot benchmark: {opts.runs} runs each, {opts.vcpus} vCPU, {opts.memory}, kernel {files.release}")
     print(f"{'metric':<28}{'vmmkit':>10}{'qemu':>10}{'vmmkit/qemu':>14}")
-    for label, k, unit, scale in (("time to init (median)", 0, "s", 1), ("time to exit (median)", 1, "s", 1),
-                                  ("peak RSS (median)", 2, "MiB", 1 / 1024)):
-        a, b = med("vmmkit", k) * scale, med("qemu", k) * scale
+    # The best round as well: on a shared machine (another lab running) the
+    # median of a few rounds can swing by half; the fastest shows each VMM with
+    # the least interference.
+    for label, k, unit, scale, pick in (("time to init (median)", 0, "s", 1, med), ("time to init (best)", 0, "s", 1, best),
+                                        ("time to exit (median)", 1, "s", 1, med),
+                                        ("peak RSS (median)", 2, "MiB", 1 / 1024, med)):
+        a, b = pick("vmmkit", k) * scale, pick("qemu", k) * scale
         print(f"{label:<28}{a:>9.2f}{unit[0]}{b:>9.2f}{unit[0]}{a / b:>14.2f}")
     return 0
 

@@ -4,9 +4,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import VmmkitError
+
+
+def _terminal_columns() -> int:
+    """What shutil.get_terminal_size() says: $COLUMNS, else stdout's terminal width, else 80."""
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if columns <= 0:
+        try:
+            columns = os.get_terminal_size(sys.__stdout__.fileno()).columns
+        except (AttributeError, ValueError, OSError):
+            columns = 0
+    return columns or 80
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's help formatter, told the terminal width so that it need not import shutil.
+
+    argparse makes a formatter for every add_argument call, and the default one
+    imports shutil (and with it zlib, bz2 and lzma) for the width: modules that
+    `vmmkit run` would otherwise load only for that, each a file read at start-up.
+    """
+
+    def __init__(self, prog, **kwargs):
+        if kwargs.get("width") is None:
+            kwargs["width"] = _terminal_columns() - 2  # as argparse does with shutil's answer
+        super().__init__(prog, **kwargs)
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose subparsers (made with its own type) use :class:`_HelpFormatter`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def _progress(msg: str) -> None:
@@ -237,7 +274,7 @@ def cmd_guest_show(args) -> int:
 
 def make_parser(ctl_plugins=None) -> argparse.ArgumentParser:
     """The argument parser, with one subcommand per verb (*ctl_plugins*: add the plugins' ctl commands)."""
-    parser = argparse.ArgumentParser(prog="vmmkit", description="A KVM virtual machine monitor built from plugins.")
+    parser = _ArgumentParser(prog="vmmkit", description="A KVM virtual machine monitor built from plugins.")
     sub = parser.add_subparsers(dest="verb", required=True)
 
     run = sub.add_parser("run", help="boot a VM described by a TOML file",

@@ -28,7 +28,10 @@ from .init import END_MARKER, RUN_PARAM, START_MARKER
 
 LAB_FAILED = 125  # our exit status when the lab itself failed, as docker uses for its own errors
 _NOISE = ("TCG doesn't support requested feature",)
-_SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_"}
+# PYTHONDONTWRITEBYTECODE keeps Python from littering a checkout with __pycache__; inside the lab
+# every write lands on the throw-away overlay, so dropping it lets a lab session compile each
+# module once instead of on every Python start (about ten times slower there than on the host).
+_SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_", "PYTHONDONTWRITEBYTECODE"}
 SCRATCH_MOUNT = "/scratch"
 SCRATCH_DEVICE = "/dev/vda"  # the lab's only virtio-blk disk
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
