@@ -90,6 +90,9 @@ class Vm:
         self.mmio_devices: list[acpi.MmioDeviceDesc] = []
         self.virtio_transports: list[VirtioMmioTransport] = []
         self.devices: dict = {}
+        #: Kernel arguments that devices need (virtio-mem: online hotplugged memory), added
+        #: by their plugins while the VM is built; they come before [boot] cmdline, which can override them.
+        self.kernel_args: list[str] = []
         self.vcpus = []
         self._vcpu_threads = []
         self._built = False
@@ -379,6 +382,7 @@ class Vm:
         parts = [BASE_CMDLINE]
         if self.exec_command is not None:
             parts.append(EXEC_CMDLINE)
+        parts.extend(self.kernel_args)
         if self.spec.boot.mmio_cmdline:
             for d in self.mmio_devices:
                 parts.append(f"virtio_mmio.device={d.size:#x}@{d.base:#x}:{d.gsi}")
