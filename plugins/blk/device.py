@@ -53,7 +53,7 @@ S_OK = 0
 S_IOERR = 1
 S_UNSUPP = 2
 
-ID_BYTES = 20
+from . import ID_BYTES  # noqa: E402  (one definition, in the package)
 WRITE_ZEROES_F_UNMAP = 1
 QUEUE_SIZE = 256
 MAX_DISCARD_SEG = 16

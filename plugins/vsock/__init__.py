@@ -29,11 +29,19 @@ from vmmkit.hookspecs import hookimpl
 from vmmkit.plugins import DeviceKind
 from vmmkit.schema import Path, in_range, spec
 
-from .device import VirtioVsock
-from .host import MAX_UDS_PATH
 from .packet import MAX_GUEST_CID, MIN_GUEST_CID
 
 __all__ = ["VsockSpec", "VirtioVsock"]
+
+#: sun_path holds 108 bytes with the terminating NUL (the host module checks the same).
+MAX_UDS_PATH = 107
+
+
+def __getattr__(name):
+    if name == "VirtioVsock":
+        from .device import VirtioVsock
+        return VirtioVsock
+    raise AttributeError(name)
 
 
 def _uds_path(instance, attribute, value):
@@ -53,6 +61,7 @@ class VsockSpec:
 
 def create(vm, device_spec):
     """Bind ``uds_path`` and put a virtio-vsock device on the VM's virtio-MMIO bus."""
+    from .device import VirtioVsock  # here, not at import: `vmmkit run` loads only what a VM uses
     opts = device_spec.options
     for other in vm.devices.values():
         if isinstance(other, VirtioVsock):

@@ -11,8 +11,8 @@ import time
 
 from vmmkit.errors import VmmkitError
 
-#: Longest path a Unix socket address holds (sun_path is 108 bytes with the NUL).
-MAX_UDS_PATH = 107
+from . import MAX_UDS_PATH  # noqa: E402  (longest Unix socket path; defined once, in the package)
+
 LISTEN_BACKLOG = 128
 
 
