@@ -98,6 +98,11 @@ class MachineSpec:
         default="512M", validator=[size_at_least(MIN_MEMORY), size_multiple_of(MiB)]
     )
     on_reboot: Literal["exit", "restart"] = "exit"
+    # Guest RAM is private anonymous memory by default. shared: a memfd mapped shared (another
+    # process, e.g. a vhost-user backend, can map it); memory_file: a file, or a directory such
+    # as a hugetlbfs mount in which each region gets a fresh unlinked file.
+    shared: bool = False
+    memory_file: Optional[Path] = None
 
 
 @spec

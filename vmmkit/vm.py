@@ -325,7 +325,8 @@ class Vm:
         # bad kernel path or an impossible memory size is reported as such on any host.
         self.kernel_path, self.initrd_path = self._guest_files()
         self.image = load_kernel_file(self.kernel_path)
-        self.memory = GuestMemory.create(spec.machine.memory)
+        self.memory = GuestMemory.create(spec.machine.memory, shared=spec.machine.shared,
+                                         backing=spec.machine.memory_file)
         self.kvm = Kvm()
         if spec.machine.vcpus > self.kvm.max_vcpus():
             raise VmmkitError(f"[machine] vcpus = {spec.machine.vcpus}: this host's KVM allows at most {self.kvm.max_vcpus()}")

@@ -112,3 +112,14 @@ def test_guest_reboot_exits_with_the_documented_status(tmp_path):
     console.expect(b"type 'poweroff'")
     console.send(b"reboot\r")
     assert console.wait() == 3
+
+
+@pytest.mark.parametrize("machine", ['shared = true', 'memory_file = "{tmp}"', 'memory_file = "{tmp}/ram"'])
+def test_guest_ram_on_a_memfd_or_a_file(tmp_path, machine):
+    config = write_config(tmp_path, f'[machine]\nvcpus = 1\nmemory = "256M"\n{machine.format(tmp=tmp_path)}\n')
+    proc = run_exec(config, "grep MemTotal /proc/meminfo; echo written > /tmp/x && cat /tmp/x")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().splitlines()[-1] == "written"
+    if machine.endswith('/ram"'):
+        # The named file holds the guest's RAM (sparse: only what the guest touched takes room).
+        assert os.path.getsize(tmp_path / "ram") == 256 << 20

@@ -243,7 +243,7 @@ def test_missing_required_device_key(tmp_path):
 def test_unknown_key_with_suggestion(tmp_path):
     message = error(tmp_path, "[machine]\nvcpu = 2\n")
     assert message == (
-        "vm.toml: [machine] unknown key 'vcpu'; known keys: memory, on_reboot, vcpus "
+        "vm.toml: [machine] unknown key 'vcpu'; known keys: memory, memory_file, on_reboot, shared, vcpus "
         "(did you mean 'vcpus'?)"
     )
 
@@ -739,3 +739,14 @@ def test_vmspec_direct_construction_checks_devices():
 def test_cmdline_rejects_nul(tmp_path):
     message = error(tmp_path, '[boot]\ncmdline = "a\\u0000b"\n')
     assert message == "vm.toml: [boot] cmdline: expected kernel arguments, found a string containing a NUL character"
+
+
+def test_memory_backing_options(tmp_path):
+    (tmp_path / "hugepages").mkdir()
+    path = tmp_path / "vm.toml"
+    path.write_text('[machine]\nshared = true\nmemory_file = "hugepages"\n')
+    vm = load_config(str(path))
+    assert vm.machine.shared is True
+    assert vm.machine.memory_file == str(tmp_path / "hugepages")  # relative to the TOML file
+    assert error(tmp_path, "[machine]\nshared = \"yes\"\n") == \
+        "vm.toml: [machine] shared: expected true or false, found 'yes'"
