@@ -1,5 +1,6 @@
 """cffi build script for vmmkit._native: KVM structures, ioctl numbers, the vCPU exit
-decoder, and the virtio-blk and virtio-vsock data paths (virtio_blk.c, virtio_vsock.c).
+decoder, the virtio-blk and virtio-vsock data paths (virtio_blk.c, virtio_vsock.c) and
+the native serving loops (virtio_serve.c).
 
 API mode: the C compiler reads <linux/kvm.h>, so struct layouts and ioctl
 numbers come from the kernel headers rather than being written out by hand.
@@ -105,6 +106,18 @@ struct vmm_vsock_tx {
 };
 int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_rx *rx, char *err, size_t errlen);
 int vmm_vsock_tx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_tx *tx, char *err, size_t errlen);
+/* virtio_serve.c */
+uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits);
+uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits);
+struct vmm_serve {
+    int kick_fd; int stop_fd[2]; uint32_t *isr; int irq_fd; uint32_t *table_gen; uint32_t mem_gen;
+    int32_t stop; uint64_t wakeups; uint64_t interrupts;
+};
+int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                  struct vmm_serve *s, char *err, size_t errlen);
+#define VMM_SERVE_STOP_CONTROL ...
+#define VMM_SERVE_STOP_RECALL ...
+#define VMM_SERVE_STOP_BROKEN ...
 #define VMM_VSOCK_STOP_BUDGET ...
 #define VMM_VSOCK_STOP_EMPTY ...
 #define VMM_VSOCK_STOP_AGAIN ...
@@ -173,7 +186,7 @@ ffibuilder = FFI()
 ffibuilder.cdef(CDEF + "".join(f"#define {name} ...\n" for name in CONSTANTS))
 # The last #line hands the rest (cffi's generated wrappers) back to _native.c.
 ffibuilder.set_source("vmmkit._native", SOURCE + _read("kvm_native.c") + "\n" + _read("virtio_blk.c")
-                      + "\n" + _read("virtio_vsock.c") + '\n#line 1 "_native.c"\n',
+                      + "\n" + _read("virtio_vsock.c") + "\n" + _read("virtio_serve.c") + '\n#line 1 "_native.c"\n',
                       extra_compile_args=["-O2"],
                       define_macros=[("VMM_HAVE_URING", "1")] if HAVE_URING else [],
                       libraries=(["uring"] if HAVE_URING else []) + ["pthread"])

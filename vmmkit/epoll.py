@@ -184,6 +184,15 @@ class EventLoop:
         if not self._closed:
             self._kill_fd.notify()
 
+    def control_fds(self) -> "tuple[int, int]":
+        """The kill and pause fds: readable when the worker must come back to :meth:`run`.
+
+        For a callback that serves for a long while in C (``native/virtio_serve.c``):
+        it polls these too and returns as soon as either is readable, without
+        reading them, so the loop then handles the kill or pause itself.
+        """
+        return self._kill_fd.fileno(), self._pause_fd.fileno()
+
     @property
     def killed(self) -> bool:
         """Whether :meth:`kill` has been called."""

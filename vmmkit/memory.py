@@ -466,6 +466,10 @@ class GuestMemory:
         #: The logging flag as C reads it (``struct vmm_mem.logging`` points here):
         #: 1 while dirty logging is on. Kept equal to ``dirty_logging``.
         self.log_flag = _ffi.new("uint32_t *")
+        #: Bumped each time the region table changes, so that C code serving
+        #: a queue for a long while (native/virtio_serve.c) knows to come back
+        #: for a new view of guest RAM.
+        self.table_gen = _ffi.new("uint32_t *")
         self._backing_offset = 0
 
     # -- construction --
@@ -541,6 +545,7 @@ class GuestMemory:
         ordered = tuple(sorted(regions, key=lambda r: r.gpa))
         self._table = (tuple(r.gpa for r in ordered), ordered)
         self._last = None
+        self.table_gen[0] = (self.table_gen[0] + 1) & 0xFFFFFFFF
 
     # -- hotplug --
 

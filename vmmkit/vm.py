@@ -135,7 +135,9 @@ class Vm:
         if index >= len(VIRTIO_GSIS):
             raise VmmkitError(f"too many virtio devices: at most {len(VIRTIO_GSIS)}")
         base, gsi = layout.virtio_mmio_addr(index), VIRTIO_GSIS[index]
-        transport = VirtioMmioTransport(device, self.memory, self.irq_line(gsi).trigger, kvm_vm=self.kvm_vm, base=base)
+        line = self.irq_line(gsi)
+        transport = VirtioMmioTransport(device, self.memory, line.trigger, irq_fd=line.event.fd,
+                                        kvm_vm=self.kvm_vm, base=base)
         self.add_mmio_device(f"virtio-{device.name}", transport, base, MMIO_WINDOW)
         self.mmio_devices.append(acpi.MmioDeviceDesc(base, MMIO_WINDOW, gsi))
         self.virtio_transports.append(transport)

@@ -10,9 +10,12 @@ reset. A host I/O error is the guest's IOERR, never a VMM failure.
 Two engines serve the queue. ``native`` (the default) runs the whole data
 path in C with the GIL released and many requests in flight
 (:mod:`.native`, ``native/virtio_blk.c``): a kick starts the I/O of every
-posted request, and each request is answered as soon as its I/O finishes
-(the executor's eventfd wakes the worker), not when the slowest of its
-batch does. Pause and reset first wait for what is in flight. ``python`` is
+posted request, and each request is answered as soon as its I/O finishes,
+not when the slowest of its batch does. In a VM (the interrupt is an
+irqfd) the worker's first wake enters a C serving loop
+(``native/virtio_serve.c``) that waits for kicks and completions and raises
+interrupts itself, so a busy disk costs no Python at all; it comes back to
+Python for pause, reset and stop, which first wait for what is in flight. ``python`` is
 :meth:`VirtioBlk.handle_chain` below: the readable reference the C path is
 tested against, and a debugging switch. Both answer every request alike.
 """
@@ -150,6 +153,8 @@ class VirtioBlk(VirtioDevice):
                     self.native.drain(ctx.memory, ctx.queues[0])
                 except QueueError as exc:
                     log.debug("%s: requests in flight at reset could not be answered: %s", self.name, exc)
+            if active:
+                log.debug("%s: native engine stopped; %s", self.name, self.native.stats())
             self.native.close()
 
     def state(self):
@@ -170,8 +175,21 @@ class VirtioBlk(VirtioDevice):
         ctx = self.ctx
         if self._loop is not None and self._loop.on_pause is None:
             self._loop.on_pause = self._quiesce
+        if self._serve_in_c(ctx):
+            return
         if self.native.process(ctx.memory, ctx.queues[index]):
             ctx.signal_used()
+
+    def _serve_in_c(self, ctx) -> bool:
+        """Serve in the C loop until the worker is needed (pause, kill); False when it cannot be used.
+
+        It needs an irqfd interrupt and a worker loop to come back to.
+        """
+        if ctx.native_interrupt is None or self._loop is None or not ctx.notify_fds or ctx.notify_fds[0] is None:
+            return False
+        self.native.serve(ctx.memory, ctx.queues[0], ctx.notify_fds[0].fd, self._loop.control_fds(),
+                          ctx.native_interrupt)
+        return True
 
     def _on_io_done(self, _fd: int, _events: int) -> None:
         """The executor's eventfd fired: answer what finished, take more chains if some wait for a slot."""
@@ -180,6 +198,8 @@ class VirtioBlk(VirtioDevice):
             return
         queue = ctx.queues[0]
         try:
+            if self._serve_in_c(ctx):
+                return
             irq, again = self.native.complete(ctx.memory, queue)
             if again and self.broken is None:
                 irq |= self.native.process(ctx.memory, queue)

@@ -109,6 +109,9 @@ class NativeBlk:
         self._retired: List[Any] = []  # pins of older tables that requests in flight may use
         self._lock = threading.Lock()
         self._errors_seen = 0
+        self._serve = ffi.new("struct vmm_serve *")
+        #: Poll wake-ups and interrupts of the C serving loop, since the device was made.
+        self.serve_wakeups = self.serve_interrupts = 0
 
     # ----- lifecycle -----
     def open(self, depth: int) -> str:
@@ -209,6 +212,34 @@ class NativeBlk:
                 pass  # the rings are gone: nobody can be answered; the first error says why
             raise
 
+    def serve(self, memory, queue, kick_fd: int, control_fds, interrupt) -> None:
+        """Serve *queue* in C until Python is needed: the whole busy path, GIL released.
+
+        ``native/virtio_serve.c`` waits on *kick_fd* (the queue's notify
+        eventfd) and the executor's eventfd, takes and answers requests,
+        and raises the used-buffer interrupt through *interrupt* (a
+        :class:`~vmmkit.virtio.device.NativeInterrupt`). It returns when one
+        of *control_fds* (the worker loop's kill and pause fds) is readable;
+        it comes back here and goes in again when guest memory's region table
+        changed (the C view is rebuilt) or host I/O errors are to be reported.
+        Raises :class:`QueueError` when the driver broke the ring (the chains
+        taken before the bad one are answered).
+        """
+        with self._lock:
+            if self._io == ffi.NULL:
+                raise RuntimeError("the native virtio-blk engine is not open")
+            s = self._serve
+            s.kick_fd = kick_fd
+            s.stop_fd[0], s.stop_fd[1] = control_fds
+            s.isr, s.irq_fd = interrupt.isr, interrupt.fd
+            s.table_gen = memory.table_gen
+            while True:
+                s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
+                rc = self._call(lib.vmm_blk_serve, memory, queue, s)
+                self.serve_wakeups, self.serve_interrupts = s.wakeups, s.interrupts
+                if rc < 0 or s.stop != lib.VMM_SERVE_STOP_RECALL:
+                    return
+
     def drain(self, memory, queue) -> "tuple[bool, bool]":
         """Wait for every request in flight and answer them; return ``(interrupt, resubmit)`` as :meth:`complete`.
 
@@ -222,15 +253,15 @@ class NativeBlk:
             rc = self._call(lib.vmm_blk_complete, memory, queue)
             return bool(rc & 1), bool(rc & 2)
 
-    def _call(self, fn, memory, queue) -> int:
-        """Run one C half with the queue state copied in and out (lock held)."""
+    def _call(self, fn, memory, queue, *extra) -> int:
+        """Run one C call with the queue state copied in and out (lock held)."""
         if self._io == ffi.NULL:
             raise RuntimeError("the native virtio-blk engine is not open")
         self._sync_memory(memory)
         vq = self._vq
         load_queue(vq, queue)
         self._blk.fd = self.disk.fd
-        rc = fn(self._mem, vq, self._blk, self._io, self._err, len(self._err))
+        rc = fn(self._mem, vq, self._blk, self._io, *extra, self._err, len(self._err))
         store_queue(vq, queue)
         errors = self._blk.io_errors
         if errors != self._errors_seen and self.on_io_errors is not None:
@@ -256,7 +287,8 @@ class NativeBlk:
         """Counters: requests answered, the most requests ever in flight together, bounced transfers, I/O errors."""
         b = self._blk
         return {"requests": b.requests, "max_inflight": b.max_inflight, "bounced": b.bounced,
-                "io_errors": b.io_errors, "inflight": self.inflight}
+                "io_errors": b.io_errors, "inflight": self.inflight,
+                "serve_wakeups": self.serve_wakeups, "serve_interrupts": self.serve_interrupts}
 
     # ----- guest memory -----
     def _sync_memory(self, memory) -> None:

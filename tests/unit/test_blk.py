@@ -20,6 +20,7 @@ import time
 import pytest
 
 from vmmkit import threads
+from vmmkit.kvm.vm import EventFd
 from vmmkit.memory import GuestMemory
 from vmmkit.testing import virtio_driver as vd
 from vmmkit.testing.virtio_driver import GuestAllocator, MmioDriver
@@ -75,9 +76,11 @@ class Rig:
         self.mem = GuestMemory.create(16 * MiB)
         self.alloc = GuestAllocator(0x10000, 16 * MiB)
         self.disk = Disk(path, read_only=read_only, cache=cache)
-        engine, _, native_io = engine.partition("-")
+        loop = engine.endswith("-loop")  # an irqfd-style interrupt: the native engine serves in its C loop
+        engine, _, native_io = engine.removesuffix("-loop").partition("-")
         self.dev = VirtioBlk("vda", self.disk, serial=serial, engine=engine, native_io=native_io or "auto")
-        self.t = VirtioMmioTransport(self.dev, self.mem, lambda: None)
+        self.irq = EventFd()
+        self.t = VirtioMmioTransport(self.dev, self.mem, self.irq.signal, irq_fd=self.irq.fd if loop else None)
         self.drv = MmioDriver(self.t, self.mem, self.alloc)
         (self.q,) = self.drv.init(indirect=indirect)
 
@@ -109,6 +112,7 @@ class Rig:
         self.t.close()
         self.dev.close()
         self.mem.close()
+        self.irq.close()
 
 
 @pytest.fixture
@@ -116,7 +120,7 @@ def image(tmp_path):
     return make_image(tmp_path / "disk.img")
 
 
-ENGINES = ["python", "native", "native-threads"]
+ENGINES = ["python", "native", "native-threads", "native-loop", "native-threads-loop"]
 
 
 @pytest.fixture(params=ENGINES)

@@ -24,6 +24,19 @@ from .queue import DescriptorChain, QueueError, Virtqueue
 log = logging.getLogger("vmmkit.virtio")
 
 
+@attrs.frozen
+class NativeInterrupt:
+    """How C code raises a device's used-buffer interrupt without Python.
+
+    ``isr``: the transport's InterruptStatus (a cffi ``uint32_t *``; set bit 0
+    with an atomic OR, ``vmm_isr_or``). ``fd``: the irqfd eventfd to write 1
+    to afterwards. See ``native/virtio_serve.c``.
+    """
+
+    isr: Any
+    fd: int
+
+
 @attrs.define(eq=False)
 class DeviceContext:
     """What an activated device works with.
@@ -34,6 +47,9 @@ class DeviceContext:
     driver kicks that queue (None for a queue the driver did not enable). ``signal_used()`` / ``signal_config()`` raise
     the used-buffer / config-change interrupt. ``needs_reset(why)`` marks
     the device DEVICE_NEEDS_RESET (the driver broke the protocol).
+    ``native_interrupt``: when the transport's interrupt is an irqfd, how C
+    raises the used-buffer interrupt itself (None otherwise: use
+    ``signal_used``).
     """
 
     memory: Any
@@ -43,6 +59,7 @@ class DeviceContext:
     signal_used: Callable[[], None]
     signal_config: Callable[[], None]
     needs_reset: Callable[[str], None]
+    native_interrupt: Optional[NativeInterrupt] = None
 
     def has(self, bit: int) -> bool:
         """Whether feature *bit* was negotiated."""

@@ -23,9 +23,10 @@ from typing import Any, Callable, Optional, Tuple
 
 import attrs
 
+from .._native import ffi, lib
 from ..kvm.vm import EventFd
 from . import constants as C
-from .device import DeviceContext, VirtioDevice
+from .device import DeviceContext, NativeInterrupt, VirtioDevice
 from .queue import QueueError, QueueState, Virtqueue
 
 log = logging.getLogger("vmmkit.virtio")
@@ -54,17 +55,26 @@ class VirtioMmioTransport:
     """A virtio device behind a virtio-MMIO register window.
 
     ``irq``: a callable that injects one interrupt edge (an irqfd trigger).
-    ``kvm_vm`` and ``base``: when given, queue notifications are wired as
-    ioeventfds on ``base + QueueNotify``.
+    ``irq_fd``: the eventfd behind ``irq``, when it is one: then C code
+    serving a queue may raise the used-buffer interrupt itself
+    (:class:`~vmmkit.virtio.device.NativeInterrupt`). ``kvm_vm`` and
+    ``base``: when given, queue notifications are wired as ioeventfds on
+    ``base + QueueNotify``.
+
+    InterruptStatus is a ``uint32_t`` in C memory, changed only with atomic
+    operations (``native/virtio_serve.c``), because a device's C serving
+    loop sets its used-buffer bit without the GIL or the transport's locks.
     """
 
     bus_lock = False  # the transport locks itself; the device thread shares its state
 
     def __init__(self, device: VirtioDevice, memory, irq: Callable[[], None], *,
-                 kvm_vm=None, base: Optional[int] = None):
+                 irq_fd: Optional[int] = None, kvm_vm=None, base: Optional[int] = None):
         self.device = device
         self.memory = memory
         self._irq = irq
+        self._isr = ffi.new("uint32_t *")
+        self._native_irq = NativeInterrupt(self._isr, irq_fd) if irq_fd is not None else None
         # Register state belongs to the vCPU side; the device thread only raises
         # interrupts and NEEDS_RESET, under a lock of their own, so a reset that
         # joins the device thread can never wait on a lock that thread needs.
@@ -155,8 +165,7 @@ class VirtioMmioTransport:
             if value < len(self.notify_fds) and self.status & C.STATUS_DRIVER_OK:
                 self.notify_fds[value].signal()
         elif offset == C.MMIO_INTERRUPT_ACK:
-            with self._int_lock:
-                self.interrupt_status &= ~value
+            lib.vmm_isr_and(self._isr, ~value & 0xFFFFFFFF)
         elif offset == C.MMIO_STATUS:
             self._write_status(value)
         else:
@@ -228,7 +237,7 @@ class VirtioMmioTransport:
         return DeviceContext(memory=self.memory, queues=self.queues, features=self.driver_features,
                              notify_fds=[fd if q.ready else None for fd, q in zip(self.notify_fds, self.queues)],
                              signal_used=self.signal_used, signal_config=self.signal_config,
-                             needs_reset=self._needs_reset)
+                             needs_reset=self._needs_reset, native_interrupt=self._native_irq)
 
     def reset(self) -> None:
         """Device reset (the driver wrote 0 to Status): stop the device and forget everything."""
@@ -248,13 +257,22 @@ class VirtioMmioTransport:
         """Tell the driver that config space changed (bumps ConfigGeneration)."""
         with self._int_lock:
             self.config_generation = (self.config_generation + 1) & 0xFFFFFFFF
-            self.interrupt_status |= C.INT_CONFIG_CHANGE
+        lib.vmm_isr_or(self._isr, C.INT_CONFIG_CHANGE)
         self._irq()
 
     def _interrupt(self, bit: int) -> None:
-        with self._int_lock:
-            self.interrupt_status |= bit
+        lib.vmm_isr_or(self._isr, bit)
         self._irq()
+
+    @property
+    def interrupt_status(self) -> int:
+        """InterruptStatus as the driver reads it."""
+        return self._isr[0]
+
+    @interrupt_status.setter
+    def interrupt_status(self, value: int) -> None:
+        # Only while no device thread runs (construction, reset, restore).
+        self._isr[0] = value
 
     def _needs_reset(self, why: str) -> None:
         if self.broken:

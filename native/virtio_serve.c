@@ -1,0 +1,127 @@
+/* Native serving loops: a device's whole busy path in C, GIL released.
+ *
+ * A device worker (vmmkit/epoll.py) normally wakes Python for every guest
+ * kick and every finished I/O. With a serving loop, the worker's first wake
+ * enters C and stays there: C polls the queue's kick eventfd and the I/O
+ * executor's completion eventfd, serves the ring, and raises the used-buffer
+ * interrupt itself (the InterruptStatus bit, then the irqfd). It returns to
+ * Python as soon as the worker's kill or pause fd becomes readable (pause,
+ * reset and stop stay Python's), when Python has something to catch up on
+ * (the guest memory table changed, so it rebuilds the C view; a host I/O
+ * error to report) and then calls again, or when the driver broke the ring.
+ *
+ * The transport's InterruptStatus word lives in C memory so that both sides
+ * update it with atomic operations (vmmkit/virtio/mmio.py): Python on the vCPU
+ * thread when the driver reads or acknowledges it, C here. */
+
+#include <poll.h>
+
+/* InterruptStatus updates (return the new value). */
+static uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits)
+{
+    return __atomic_or_fetch(isr, bits, __ATOMIC_SEQ_CST);
+}
+
+static uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits)
+{
+    return __atomic_and_fetch(isr, bits, __ATOMIC_SEQ_CST);
+}
+
+/* Raise the used-buffer interrupt: the status bit first, so the driver's
+ * handler, woken by the irqfd, finds it set. */
+static void vmm_irq_used(uint32_t *isr, int irq_fd)
+{
+    vmm_isr_or(isr, 1);
+    vmm_efd_signal(irq_fd);
+}
+
+/* What a serving loop waits on and how it raises interrupts. */
+struct vmm_serve {
+    int kick_fd;                /* the queue's notify eventfd (non-blocking) */
+    int stop_fd[2];             /* the worker's kill and pause fds: readable = back to Python */
+    uint32_t *isr;              /* the transport's InterruptStatus */
+    int irq_fd;                 /* the device's irqfd */
+    uint32_t *table_gen;        /* GuestMemory's region-table generation */
+    uint32_t mem_gen;           /* the generation the C view was built from */
+    /* out */
+    int32_t stop;               /* VMM_SERVE_STOP_* */
+    uint64_t wakeups;
+    uint64_t interrupts;
+};
+
+#define VMM_SERVE_STOP_CONTROL 0    /* kill or pause: Python's turn */
+#define VMM_SERVE_STOP_RECALL 1     /* the region table changed or I/O errors to report: call again */
+#define VMM_SERVE_STOP_BROKEN 2     /* the driver broke the ring (err says how) */
+
+static void vmm_drain_fd(int fd)
+{
+    uint64_t v;
+    ssize_t r;
+    do
+        r = read(fd, &v, sizeof(v));
+    while (r < 0 && errno == EINTR);
+}
+
+/* Serve virtio-blk's queue until Python is needed: take posted chains,
+ * start their I/O, answer what finished, interrupt when the driver wants it.
+ * Returns 0 (s->stop says why it returned) or -1 when the driver broke the
+ * ring: err says how; the chains taken before the bad one are answered. */
+static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                         struct vmm_serve *s, char *err, size_t errlen)
+{
+    struct pollfd p[4] = {
+        {.fd = s->kick_fd, .events = POLLIN},
+        {.fd = s->stop_fd[0], .events = POLLIN},
+        {.fd = s->stop_fd[1], .events = POLLIN},
+        {.fd = io ? io->efd : -1, .events = POLLIN},
+    };
+    nfds_t n = p[3].fd >= 0 ? 4 : 3;
+    char scratch[8];
+    s->stop = VMM_SERVE_STOP_CONTROL;
+    uint64_t io_errors = blk->io_errors;
+    for (;;) {
+        if (s->table_gen && __atomic_load_n(s->table_gen, __ATOMIC_ACQUIRE) != s->mem_gen) {
+            s->stop = VMM_SERVE_STOP_RECALL;
+            return 0;
+        }
+        /* Whatever woke us: take what is posted, answer what finished, and
+         * again while chains wait for the slots just freed. */
+        int rc;
+        do {
+            if (vmm_blk_submit(mem, vq, blk, io, err, errlen) < 0) {
+                if (vmm_blk_complete(mem, vq, blk, io, scratch, sizeof(scratch)) > 0) {
+                    vmm_irq_used(s->isr, s->irq_fd);
+                    s->interrupts++;
+                }
+                s->stop = VMM_SERVE_STOP_BROKEN;
+                return -1;
+            }
+            rc = vmm_blk_complete(mem, vq, blk, io, err, errlen);
+            if (rc < 0) {
+                s->stop = VMM_SERVE_STOP_BROKEN;
+                return -1;
+            }
+            if (rc & 1) {
+                vmm_irq_used(s->isr, s->irq_fd);
+                s->interrupts++;
+            }
+        } while (rc & 2);
+        if (blk->io_errors != io_errors) {
+            s->stop = VMM_SERVE_STOP_RECALL;
+            return 0;
+        }
+        int r;
+        do
+            r = poll(p, n, -1);
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            s->stop = VMM_SERVE_STOP_BROKEN;
+            return vmm_fail(err, errlen, "internal error: poll: %s", strerror(errno));
+        }
+        s->wakeups++;
+        if ((p[1].revents | p[2].revents) & (POLLIN | POLLERR | POLLHUP | POLLNVAL))
+            return 0;  /* not consumed: the Python loop handles it */
+        if (p[0].revents & POLLIN)
+            vmm_drain_fd(s->kick_fd);
+    }
+}
