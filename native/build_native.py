@@ -55,7 +55,11 @@ struct vmm_exit {
 
 long vmm_ioctl(int fd, unsigned long request, void *arg);
 long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
-int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out);
+struct vmm_fast_mmio { uint64_t addr; uint32_t *word; uint32_t kind; };
+struct vmm_fast_table { struct vmm_fast_mmio *entries; uint32_t n; uint64_t hits; };
+int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out, struct vmm_fast_table *fast);
+#define VMM_FAST_READ32 ...
+#define VMM_FAST_ACK32 ...
 void vmm_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len);
 void vmm_set_immediate_exit(struct kvm_run *run, uint8_t value);
 void vmm_mb(void);
@@ -111,7 +115,7 @@ uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits);
 uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits);
 struct vmm_serve {
     int kick_fd; int stop_fd[2]; uint32_t *isr; int irq_fd; uint32_t *table_gen; uint32_t mem_gen;
-    int32_t stop; uint64_t wakeups; uint64_t interrupts;
+    uint32_t lazy_min; int32_t stop; uint64_t wakeups; uint64_t interrupts;
 };
 int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                   struct vmm_serve *s, char *err, size_t errlen);

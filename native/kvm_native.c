@@ -35,12 +35,63 @@ static long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg)
     return r < 0 ? -errno : r;
 }
 
-/* One KVM_RUN, decoded. Returns 0, or -errno (-EINTR when kicked). */
-static int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out)
+/* MMIO registers answered inside vmm_run, without going back to Python:
+ * virtio-MMIO's InterruptStatus (read) and InterruptACK (write), which the
+ * guest touches on every interrupt. The words are shared with C device loops
+ * and Python (vmmkit/virtio/mmio.py), so they are accessed atomically. */
+#define VMM_FAST_READ32 1           /* a 32-bit read answers the word */
+#define VMM_FAST_ACK32 2            /* a 32-bit write clears its bits in the word */
+
+struct vmm_fast_mmio {
+    uint64_t addr;
+    uint32_t *word;
+    uint32_t kind;
+};
+
+struct vmm_fast_table {
+    struct vmm_fast_mmio *entries;
+    uint32_t n;
+    uint64_t hits;              /* exits answered here (not atomic: a statistic) */
+};
+
+/* Answer an MMIO exit from the table: 1 if it was, 0 if Python must. */
+static int vmm_fast_mmio(struct kvm_run *run, struct vmm_fast_table *t)
 {
-    long r = ioctl(fd, KVM_RUN, 0);
-    if (r < 0)
-        return -errno;
+    if (run->mmio.len != 4)
+        return 0;
+    for (uint32_t i = 0; i < t->n; i++) {
+        struct vmm_fast_mmio *e = &t->entries[i];
+        if (e->addr != run->mmio.phys_addr)
+            continue;
+        if (!run->mmio.is_write && e->kind == VMM_FAST_READ32) {
+            uint32_t v = __atomic_load_n(e->word, __ATOMIC_SEQ_CST);
+            memcpy(run->mmio.data, &v, 4);
+        } else if (run->mmio.is_write && e->kind == VMM_FAST_ACK32) {
+            uint32_t v;
+            memcpy(&v, run->mmio.data, 4);
+            __atomic_and_fetch(e->word, ~v, __ATOMIC_SEQ_CST);
+        } else {
+            return 0;
+        }
+        t->hits++;
+        return 1;
+    }
+    return 0;
+}
+
+/* KVM_RUN until an exit Python must see (those in *fast are answered here),
+ * decoded. Returns 0, or -errno (-EINTR when kicked: a kick sets
+ * immediate_exit, which the next KVM_RUN honours even between two runs of
+ * this loop). */
+static int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out, struct vmm_fast_table *fast)
+{
+    for (;;) {
+        long r = ioctl(fd, KVM_RUN, 0);
+        if (r < 0)
+            return -errno;
+        if (!fast || run->exit_reason != KVM_EXIT_MMIO || !vmm_fast_mmio(run, fast))
+            break;
+    }
     memset(out, 0, sizeof(*out));
     out->reason = run->exit_reason;
     switch (run->exit_reason) {

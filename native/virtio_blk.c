@@ -625,6 +625,8 @@ struct vmm_blk_io {
     uint32_t io_pending;        /* I/O started on the ring or in the pool and not finished */
     uint32_t late_writes;       /* io_uring: writes finished synchronously after their CQE */
     int starved;                /* the last submit left chains posted for want of a free slot */
+    uint32_t lazy_min;          /* don't ask for kicks while this many requests are in flight (0: always ask) */
+    int armed;                  /* the last submit asked for a kick (avail_event) and found nothing more */
     struct vmm_seg *segs;       /* scratch for walking a chain */
     uint32_t segs_cap;
     /* thread pool */
@@ -1330,6 +1332,7 @@ static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk
     }
     x.segs = io->segs;
     io->starved = 0;
+    io->armed = 0;
     int rc = 0;
     while (!rc && !io->starved) {
         uint32_t pending;
@@ -1338,6 +1341,10 @@ static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk
             break;
         }
         if (!pending) {
+            /* With enough requests in flight, their completions bring us back
+             * here soon: no kick is needed, and each costs the guest an exit. */
+            if (io->lazy_min && vq->event_idx && vmm_blk_inflight(io) >= io->lazy_min)
+                break;
             /* Ask for a notification past what was taken, then look again:
              * a driver that posted meanwhile may have read the old value. */
             if (vq->event_idx) {
@@ -1349,8 +1356,10 @@ static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk
                 rc = -1;
                 break;
             }
-            if (!pending)
+            if (!pending) {
+                io->armed = 1;
                 break;
+            }
         }
         for (; pending; pending--) {
             if (!io->nfree) {

@@ -44,6 +44,7 @@ struct vmm_serve {
     uint32_t *table_gen;        /* GuestMemory's region-table generation */
     uint32_t mem_gen;           /* the generation the C view was built from */
     /* out */
+    uint32_t lazy_min;          /* no kicks asked for while this many requests are in flight (0: always) */
     int32_t stop;               /* VMM_SERVE_STOP_* */
     uint64_t wakeups;
     uint64_t interrupts;
@@ -62,10 +63,38 @@ static void vmm_drain_fd(int fd)
     while (r < 0 && errno == EINTR);
 }
 
-/* Serve virtio-blk's queue until Python is needed: take posted chains,
- * start their I/O, answer what finished, interrupt when the driver wants it.
- * Returns 0 (s->stop says why it returned) or -1 when the driver broke the
- * ring: err says how; the chains taken before the bad one are answered. */
+/* One round of work on virtio-blk's queue: take what is posted, answer what
+ * finished, and again while chains wait for the slots just freed, or while
+ * nothing is in flight any more but no kick was asked for (a chain posted
+ * meanwhile would wait for ever). 0, or -1 when the driver broke the ring. */
+static int vmm_blk_round(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
+                         struct vmm_serve *s, char *err, size_t errlen)
+{
+    char scratch[8];
+    for (;;) {
+        if (vmm_blk_submit(mem, vq, blk, io, err, errlen) < 0) {
+            /* The chains taken before the bad one are answered first. */
+            if (vmm_blk_complete(mem, vq, blk, io, scratch, sizeof(scratch)) > 0) {
+                vmm_irq_used(s->isr, s->irq_fd);
+                s->interrupts++;
+            }
+            return -1;
+        }
+        int rc = vmm_blk_complete(mem, vq, blk, io, err, errlen);
+        if (rc < 0)
+            return -1;
+        if (rc & 1) {
+            vmm_irq_used(s->isr, s->irq_fd);
+            s->interrupts++;
+        }
+        if (!(rc & 2) && (io->armed || vmm_blk_inflight(io)))
+            return 0;
+    }
+}
+
+/* Serve virtio-blk's queue until Python is needed. Returns 0 (s->stop says
+ * why) or -1 when the driver broke the ring: err says how; the chains taken
+ * before the bad one are answered. */
 static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                          struct vmm_serve *s, char *err, size_t errlen)
 {
@@ -73,42 +102,26 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         {.fd = s->kick_fd, .events = POLLIN},
         {.fd = s->stop_fd[0], .events = POLLIN},
         {.fd = s->stop_fd[1], .events = POLLIN},
-        {.fd = io ? io->efd : -1, .events = POLLIN},
+        {.fd = io->efd, .events = POLLIN},
     };
-    nfds_t n = p[3].fd >= 0 ? 4 : 3;
-    char scratch[8];
-    s->stop = VMM_SERVE_STOP_CONTROL;
+    nfds_t n = io->efd >= 0 ? 4 : 3;
     uint64_t io_errors = blk->io_errors;
+    int rc = 0;
+    s->stop = VMM_SERVE_STOP_CONTROL;
+    io->lazy_min = s->lazy_min;
     for (;;) {
         if (s->table_gen && __atomic_load_n(s->table_gen, __ATOMIC_ACQUIRE) != s->mem_gen) {
             s->stop = VMM_SERVE_STOP_RECALL;
-            return 0;
+            break;
         }
-        /* Whatever woke us: take what is posted, answer what finished, and
-         * again while chains wait for the slots just freed. */
-        int rc;
-        do {
-            if (vmm_blk_submit(mem, vq, blk, io, err, errlen) < 0) {
-                if (vmm_blk_complete(mem, vq, blk, io, scratch, sizeof(scratch)) > 0) {
-                    vmm_irq_used(s->isr, s->irq_fd);
-                    s->interrupts++;
-                }
-                s->stop = VMM_SERVE_STOP_BROKEN;
-                return -1;
-            }
-            rc = vmm_blk_complete(mem, vq, blk, io, err, errlen);
-            if (rc < 0) {
-                s->stop = VMM_SERVE_STOP_BROKEN;
-                return -1;
-            }
-            if (rc & 1) {
-                vmm_irq_used(s->isr, s->irq_fd);
-                s->interrupts++;
-            }
-        } while (rc & 2);
+        if (vmm_blk_round(mem, vq, blk, io, s, err, errlen) < 0) {
+            s->stop = VMM_SERVE_STOP_BROKEN;
+            rc = -1;
+            break;
+        }
         if (blk->io_errors != io_errors) {
             s->stop = VMM_SERVE_STOP_RECALL;
-            return 0;
+            break;
         }
         int r;
         do
@@ -116,12 +129,21 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         while (r < 0 && errno == EINTR);
         if (r < 0) {
             s->stop = VMM_SERVE_STOP_BROKEN;
-            return vmm_fail(err, errlen, "internal error: poll: %s", strerror(errno));
+            rc = vmm_fail(err, errlen, "internal error: poll: %s", strerror(errno));
+            break;
         }
         s->wakeups++;
         if ((p[1].revents | p[2].revents) & (POLLIN | POLLERR | POLLHUP | POLLNVAL))
-            return 0;  /* not consumed: the Python loop handles it */
+            break;  /* not consumed: the Python loop handles it */
         if (p[0].revents & POLLIN)
             vmm_drain_fd(s->kick_fd);
     }
+    /* Python's own calls (drain, the plain path) always ask for kicks. A
+     * chain the driver posts from now on, while no kick was asked for, must
+     * not wait for a completion that may never come: kick ourselves, so the
+     * worker looks at the ring again when it gets back to serving. */
+    io->lazy_min = 0;
+    if (!rc && !io->armed)
+        vmm_efd_signal(s->kick_fd);
+    return rc;
 }

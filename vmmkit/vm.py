@@ -8,6 +8,7 @@ knows none of them.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -32,6 +33,8 @@ from .memory import GuestMemory
 from .plugins import Plugins, PluginError
 from .virtio.constants import MMIO_WINDOW
 from .virtio.mmio import VirtioMmioTransport
+
+log = logging.getLogger("vmmkit.vm")
 
 KICK_SIGNAL = signal.SIGUSR1
 # Arguments vmmkit always gives the kernel: the console on COM1, no PCI to probe,
@@ -563,6 +566,7 @@ class Vm:
         for line in self.irq_lines.values():
             line.event.close()
         if hasattr(self, "kvm_vm"):
+            log.debug("vCPU exits answered in C (fast MMIO): %d", self.kvm_vm.fast_mmio.hits)
             self.kvm_vm.close()
         if hasattr(self, "memory"):
             self.memory.close()

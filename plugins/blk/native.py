@@ -49,6 +49,11 @@ IO_MODES = ("auto", "uring", "threads", "sync")
 POOL_THREADS = 4
 #: The O_DIRECT bounce buffer: misaligned transfers go through it a chunk at a time.
 BOUNCE_BYTES = 1 << 20
+#: The C serving loop stops asking the guest for kicks while this many
+#: requests are in flight: their completions wake it soon enough to find new
+#: chains, and every kick costs the guest an exit. With fewer in flight, a new
+#: request would wait for a whole I/O, so it asks again.
+LAZY_KICK_INFLIGHT = 4
 
 _KINDS = {"uring": lib.VMM_IO_URING, "threads": lib.VMM_IO_THREADS, "sync": lib.VMM_IO_SYNC}
 _NAMES = {v: k for k, v in _KINDS.items()}
@@ -233,6 +238,7 @@ class NativeBlk:
             s.stop_fd[0], s.stop_fd[1] = control_fds
             s.isr, s.irq_fd = interrupt.isr, interrupt.fd
             s.table_gen = memory.table_gen
+            s.lazy_min = LAZY_KICK_INFLIGHT
             while True:
                 s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
                 rc = self._call(lib.vmm_blk_serve, memory, queue, s)

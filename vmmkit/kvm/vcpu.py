@@ -35,6 +35,7 @@ class Vcpu:
         self.run_map = mmap.mmap(self.fd, vm.kvm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self.run_ptr = ffi.cast("struct kvm_run *", ffi.from_buffer(self.run_map))
         self._exit = ffi.new("struct vmm_exit *")
+        self._fast = vm.fast_mmio.table
 
     # --- registers ---
     def set_regs(self, values: dict) -> None:
@@ -111,9 +112,11 @@ class Vcpu:
 
         The exit is this vCPU's ``struct vmm_exit`` (see native/kvm_native.c),
         reused by every call: read it before the next run(). No object is
-        built per exit, as this is the vCPU's hot path.
+        built per exit, as this is the vCPU's hot path. Accesses to the VM's
+        :class:`~vmmkit.kvm.vm.FastMmio` registers are answered in C and
+        never come back here.
         """
-        ret = lib.vmm_run(self.fd, self.run_ptr, self._exit)
+        ret = lib.vmm_run(self.fd, self.run_ptr, self._exit, self._fast)
         if ret == -errno.EINTR or ret == -errno.EAGAIN:
             lib.vmm_set_immediate_exit(self.run_ptr, 0)
             return None

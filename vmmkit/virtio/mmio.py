@@ -86,6 +86,9 @@ class VirtioMmioTransport:
         if kvm_vm is not None and base is not None:
             for index, fd in enumerate(self.notify_fds):
                 kvm_vm.ioeventfd(fd.fd, base + C.MMIO_QUEUE_NOTIFY, 4, datamatch=index)
+            # The guest reads and acknowledges InterruptStatus on every interrupt: the vCPU answers in C.
+            kvm_vm.fast_mmio.add(base + C.MMIO_INTERRUPT_STATUS, self._isr, kvm_vm.fast_mmio.READ32)
+            kvm_vm.fast_mmio.add(base + C.MMIO_INTERRUPT_ACK, self._isr, kvm_vm.fast_mmio.ACK32)
             self._kvm_vm, self._base = kvm_vm, base
             self._ioeventfds = True
         self.offered = device.device_features() | TRANSPORT_FEATURES
