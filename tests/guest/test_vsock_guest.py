@@ -143,7 +143,7 @@ def vm(tmp_path_factory):
     directory = tmp_path_factory.mktemp("vsock")
     uds = str(directory / "v.sock")
     config = directory / "vm.toml"
-    config.write_text(f'[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "{uds}"\nengine = "native"\n')
+    config.write_text(f'[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "{uds}"\n')  # the native engine
     # Files, not pipes: a console nobody reads must never stall the guest.
     with open(directory / "stdout", "wb") as out, open(directory / "stderr", "wb") as err:
         proc = subprocess.Popen(VMMKIT_WITH_LOG + [str(directory / "vsock.log"), "run", str(config),
