@@ -17,6 +17,7 @@
 #define VMM_VSOCK_HOST_CID 2
 #define VMM_VSOCK_TYPE_STREAM 1
 #define VMM_VSOCK_OP_RW 5
+#define VMM_VSOCK_OP_CREDIT_UPDATE 6
 
 /* How a burst ended (vmm_vsock_rx.stop / vmm_vsock_tx.stop). */
 #define VMM_VSOCK_STOP_BUDGET 0     /* credit, payload budget or packet budget used up */
@@ -259,9 +260,9 @@ static struct vmm_vsock_conn *vmm_vsock_find(struct vmm_vsock_tx *tx, uint32_t l
     return NULL;
 }
 
-/* tx: take the guest's packets while each is stream data for a connection in
- * the table and fits its credit, and write the payload straight to that
- * connection's socket. Stops, leaving the chain on the ring, at the first
+/* tx: take the guest's packets while each is stream data (or a credit update)
+ * for a connection in the table and fits its credit, and write the payload
+ * straight to that connection's socket. Stops, leaving the chain on the ring, at the first
  * packet that is anything else (STOP_PYTHON). A socket that takes only part
  * of a payload (or fails) ends the burst with the chain taken and the rest
  * of its payload in spill (STOP_SPILL): the Python side buffers it, or
@@ -301,9 +302,13 @@ static int vmm_vsock_tx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
             break;
         }
         uint32_t len = vmm_le32(hdr + 24);
+        uint16_t op = vmm_le16(hdr + 30);
         struct vmm_vsock_conn *k = NULL;
+        /* Stream data, and the credit updates the guest sends as it reads
+         * (they only carry its credit fields, taken below as for data). */
         if (vmm_le64(hdr) == tx->guest_cid && vmm_le64(hdr + 8) == VMM_VSOCK_HOST_CID
-                && vmm_le16(hdr + 28) == VMM_VSOCK_TYPE_STREAM && vmm_le16(hdr + 30) == VMM_VSOCK_OP_RW
+                && vmm_le16(hdr + 28) == VMM_VSOCK_TYPE_STREAM
+                && (op == VMM_VSOCK_OP_RW || (op == VMM_VSOCK_OP_CREDIT_UPDATE && len == 0))
                 && len <= tx->max_payload && len <= c.rlen - VMM_VSOCK_HDR)
             k = vmm_vsock_find(tx, vmm_le32(hdr + 20), vmm_le32(hdr + 16));
         if (!k || len > k->room) {

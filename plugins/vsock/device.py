@@ -37,8 +37,9 @@ hands runs of plain stream data to C (:mod:`.native`, ``native/virtio_vsock.c``)
 one call walks the ring and moves many packets between guest buffers and a
 socket with the GIL released. ``python`` is the reference: every packet goes
 through the per-packet code here and a data path object (:mod:`.datapath`).
-The native engine leaves everything but stream data (handshakes, control
-packets, the end of a stream, errors) to that same per-packet code.
+The native engine leaves everything but stream data and the guest's credit
+updates (handshakes, other control packets, the end of a stream, errors) to
+that same per-packet code.
 
 Connections cannot survive a snapshot: after :meth:`VirtioVsock.restore` the
 device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, and the guest drops its

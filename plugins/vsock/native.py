@@ -106,8 +106,9 @@ class NativeVsockPath:
                  conns: Sequence[tuple]) -> Optional[TxResult]:
         """Take the guest's stream-data packets for *conns* ``(local_port, peer_port, fd, room)`` off the tx ring.
 
-        Stops at the first packet that is anything else, leaving it for the
-        Python path. Raises :class:`QueueError` when the driver broke the ring.
+        The guest's CREDIT_UPDATE packets for those connections are taken too
+        (their credit fields count as a packet's). Stops at the first packet
+        that is anything else, leaving it for the Python path. Raises :class:`QueueError` when the driver broke the ring.
         """
         n = len(conns)
         if n > self._conns_cap:
