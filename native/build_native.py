@@ -119,6 +119,22 @@ struct vmm_serve {
 };
 int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                   struct vmm_serve *s, char *err, size_t errlen);
+struct vmm_vsock_lconn {
+    uint32_t local_port; uint32_t peer_port; int fd; uint32_t rx_cnt; uint32_t tx_cnt; uint32_t fwd_cnt;
+    uint32_t last_fwd_sent; uint32_t peer_buf_alloc; uint32_t peer_fwd_cnt; uint8_t readable; uint8_t owe_credit;
+    uint8_t credit_requested;
+};
+struct pollfd;
+struct vmm_vsock_serve {
+    struct vmm_serve srv; int rx_kick_fd; int py_fd; uint64_t guest_cid; uint32_t buf_alloc;
+    uint32_t credit_below; uint32_t max_payload; uint32_t max_packets; struct vmm_vsock_lconn *conns;
+    uint32_t nconns; struct vmm_vsock_conn *tx_table; uint8_t *spill; struct pollfd *pfd;
+    int32_t conn; int32_t spill_conn; uint32_t spill_len; int32_t err_no;
+};
+int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_vq *txq, struct vmm_vsock_serve *v,
+                    char *err, size_t errlen);
+size_t vmm_pollfd_size(void);
+#define VMM_SERVE_STOP_PYTHON ...
 #define VMM_SERVE_STOP_CONTROL ...
 #define VMM_SERVE_STOP_RECALL ...
 #define VMM_SERVE_STOP_BROKEN ...

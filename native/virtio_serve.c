@@ -174,3 +174,261 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         vmm_efd_signal(s->kick_fd);
     return rc;
 }
+
+/* ----- virtio-vsock ----- */
+
+/* A connection the vsock loop serves: established, nothing buffered, both
+ * directions open. Counters as the Python device keeps them (u32, wrapping). */
+struct vmm_vsock_lconn {
+    uint32_t local_port;
+    uint32_t peer_port;
+    int fd;
+    uint32_t rx_cnt;            /* bytes sent to the guest */
+    uint32_t tx_cnt;            /* bytes the guest sent */
+    uint32_t fwd_cnt;           /* of those, bytes its socket took */
+    uint32_t last_fwd_sent;     /* fwd_cnt as the guest last heard it */
+    uint32_t peer_buf_alloc;
+    uint32_t peer_fwd_cnt;
+    uint8_t readable;           /* the socket may have bytes */
+    uint8_t owe_credit;         /* a CREDIT_UPDATE is due (in and out) */
+    uint8_t credit_requested;   /* a CREDIT_REQUEST went out since the guest last gave room */
+};
+
+struct vmm_vsock_serve {
+    struct vmm_serve srv;       /* kick_fd: the tx queue's */
+    int rx_kick_fd;
+    int py_fd;                  /* the worker loop's epoll fd: readable = something for Python */
+    uint64_t guest_cid;
+    uint32_t buf_alloc;         /* what we advertise per connection */
+    uint32_t credit_below;      /* send CREDIT_UPDATE once the guest's view of our room is below this */
+    uint32_t max_payload;
+    uint32_t max_packets;       /* per rx burst: connections take turns */
+    struct vmm_vsock_lconn *conns;
+    uint32_t nconns;
+    struct vmm_vsock_conn *tx_table;  /* nconns entries of scratch */
+    uint8_t *spill;             /* max_payload bytes */
+    struct pollfd *pfd;         /* 5 + nconns entries of scratch */
+    /* out, for VMM_SERVE_STOP_PYTHON */
+    int32_t conn;               /* the connection whose stream ended or failed (-1: none) */
+    int32_t spill_conn;         /* as vmm_vsock_tx: a socket took part of a packet */
+    uint32_t spill_len;
+    int32_t err_no;
+};
+
+#define VMM_SERVE_STOP_PYTHON 3     /* vsock: a packet, a spill or a stream's end for the Python path */
+
+static void vmm_vsock_hdr(uint8_t *h, uint64_t guest_cid, const struct vmm_vsock_lconn *c, uint16_t op,
+                          uint32_t buf_alloc)
+{
+    uint64_t host = VMM_VSOCK_HOST_CID;
+    uint16_t type = VMM_VSOCK_TYPE_STREAM;
+    memset(h, 0, VMM_VSOCK_HDR);
+    memcpy(h, &host, 8);
+    memcpy(h + 8, &guest_cid, 8);
+    memcpy(h + 16, &c->local_port, 4);
+    memcpy(h + 20, &c->peer_port, 4);
+    memcpy(h + 28, &type, 2);
+    memcpy(h + 30, &op, 2);
+    memcpy(h + 36, &buf_alloc, 4);
+    memcpy(h + 40, &c->fwd_cnt, 4);
+}
+
+/* A header-only packet into the next rx buffer: 1 (and *irq), 0 when the
+ * guest posted none, -1 when the ring is broken. */
+static int vmm_vsock_ctl(struct vmm_mem *mem, struct vmm_vq *vq, const uint8_t *hdr, int *irq, char *err,
+                         size_t errlen)
+{
+    struct vmm_q q;
+    if (vmm_vsock_open(&q, mem, vq, err, errlen))
+        return -1;
+    uint32_t added = 0;
+    int placed = 0;
+    for (;;) {
+        struct vmm_chain c;
+        int got = vmm_vsock_next(&q, &c, err, errlen);
+        if (got < 0)
+            return -1;
+        if (!got)
+            break;
+        if (c.wlen < VMM_VSOCK_HDR) {
+            vmm_vsock_used(&q, c.head, 0);  /* as the Python path: too small, returned empty */
+            added++;
+            continue;
+        }
+        vmm_segs_write(mem, vmm_vsock_segs + c.nr, c.nw, 0, hdr, VMM_VSOCK_HDR);
+        vmm_vsock_used(&q, c.head, VMM_VSOCK_HDR);
+        added++;
+        placed = 1;
+        break;
+    }
+    *irq |= vmm_vsock_publish(&q, added);
+    return placed;
+}
+
+static uint32_t vmm_vsock_credit(const struct vmm_vsock_lconn *c)
+{
+    uint32_t in_flight = c->rx_cnt - c->peer_fwd_cnt;
+    return in_flight < c->peer_buf_alloc ? c->peer_buf_alloc - in_flight : 0;
+}
+
+/* Serve established vsock connections both ways until Python is needed:
+ * guest data to the sockets (tx, with the guest's credit updates), socket
+ * data to the guest (rx, within its credit), and CREDIT_UPDATE packets when
+ * the guest's view of our room runs low. Returns 0 (s->stop says why: see
+ * VMM_SERVE_STOP_*) or -1 when the driver broke a ring (err says how). */
+static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_vq *txq, struct vmm_vsock_serve *v,
+                           char *err, size_t errlen)
+{
+    struct vmm_serve *s = &v->srv;
+    struct pollfd *p = v->pfd;
+    s->stop = VMM_SERVE_STOP_CONTROL;
+    v->conn = v->spill_conn = -1;
+    v->spill_len = 0;
+    v->err_no = 0;
+    int rx_empty = 0;   /* the guest has no rx buffer posted: wait for its rx kick */
+    for (;;) {
+        if (s->table_gen && __atomic_load_n(s->table_gen, __ATOMIC_ACQUIRE) != s->mem_gen) {
+            s->stop = VMM_SERVE_STOP_RECALL;
+            return 0;
+        }
+        int irq = 0, r;
+        /* Guest -> host. */
+        for (uint32_t i = 0; i < v->nconns; i++) {
+            struct vmm_vsock_conn *t = &v->tx_table[i];
+            t->local_port = v->conns[i].local_port;
+            t->peer_port = v->conns[i].peer_port;
+            t->fd = v->conns[i].fd;
+            t->room = v->buf_alloc;  /* nothing is buffered for these connections */
+        }
+        struct vmm_vsock_tx tx = {.guest_cid = v->guest_cid, .conns = v->tx_table, .nconns = v->nconns,
+                                  .max_payload = v->max_payload, .max_packets = 1u << 30, .spill = v->spill};
+        r = vmm_vsock_tx(mem, txq, &tx, err, errlen);
+        if (r < 0)
+            goto broken;
+        irq |= r;
+        for (uint32_t i = 0; i < v->nconns; i++) {
+            struct vmm_vsock_conn *t = &v->tx_table[i];
+            struct vmm_vsock_lconn *c = &v->conns[i];
+            if (!t->packets)
+                continue;
+            c->peer_buf_alloc = t->buf_alloc;
+            c->peer_fwd_cnt = t->fwd_cnt;
+            c->tx_cnt += (uint32_t)t->bytes;
+            c->fwd_cnt += (uint32_t)t->sent;
+            if (vmm_vsock_credit(c))
+                c->credit_requested = 0;  /* ask again at the next stall, not while there is still no room */
+        }
+        if (tx.stop == VMM_VSOCK_STOP_PYTHON || tx.stop == VMM_VSOCK_STOP_SPILL) {
+            v->spill_conn = tx.stop == VMM_VSOCK_STOP_SPILL ? tx.spill_conn : -1;
+            v->spill_len = tx.stop == VMM_VSOCK_STOP_SPILL ? tx.spill_len : 0;
+            v->err_no = tx.stop == VMM_VSOCK_STOP_SPILL ? tx.err_no : 0;
+            s->stop = VMM_SERVE_STOP_PYTHON;
+        }
+        /* Host -> guest: data within the guest's credit, and credit updates. */
+        for (uint32_t i = 0; i < v->nconns && !rx_empty && s->stop == VMM_SERVE_STOP_CONTROL; i++) {
+            struct vmm_vsock_lconn *c = &v->conns[i];
+            uint32_t credit = vmm_vsock_credit(c);
+            if (c->readable && credit) {
+                struct vmm_vsock_rx rx = {.fd = c->fd, .budget = credit, .max_payload = v->max_payload,
+                                          .max_packets = v->max_packets};
+                vmm_vsock_hdr(rx.hdr, v->guest_cid, c, VMM_VSOCK_OP_RW, v->buf_alloc);
+                r = vmm_vsock_rx(mem, rxq, &rx, err, errlen);
+                if (r < 0)
+                    goto broken;
+                irq |= r;
+                if (rx.packets) {
+                    c->rx_cnt += (uint32_t)rx.bytes;
+                    c->last_fwd_sent = c->fwd_cnt;  /* every header carried it */
+                    c->owe_credit = 0;
+                }
+                if (rx.stop == VMM_VSOCK_STOP_EMPTY) {
+                    rx_empty = 1;
+                } else if (rx.stop == VMM_VSOCK_STOP_AGAIN) {
+                    c->readable = 0;
+                } else if (rx.stop == VMM_VSOCK_STOP_EOF || rx.stop == VMM_VSOCK_STOP_ERROR) {
+                    v->conn = (int32_t)i;  /* the Python path reads the end (or the error) itself */
+                    s->stop = VMM_SERVE_STOP_PYTHON;
+                    break;
+                }
+            }
+            uint32_t seen = c->tx_cnt - c->last_fwd_sent;
+            if (seen > v->buf_alloc)
+                seen = v->buf_alloc;
+            if (c->fwd_cnt != c->last_fwd_sent && v->buf_alloc - seen < v->credit_below)
+                c->owe_credit = 1;
+            /* Stalled with bytes to give and no room: ask, once per stall (the guest also
+             * sends updates by itself as it reads). */
+            int ask = c->readable && !vmm_vsock_credit(c) && !c->credit_requested;
+            if ((c->owe_credit || ask) && !rx_empty) {
+                uint8_t h[VMM_VSOCK_HDR];
+                vmm_vsock_hdr(h, v->guest_cid, c, ask ? VMM_VSOCK_OP_CREDIT_REQUEST : VMM_VSOCK_OP_CREDIT_UPDATE,
+                              v->buf_alloc);
+                r = vmm_vsock_ctl(mem, rxq, h, &irq, err, errlen);
+                if (r < 0)
+                    goto broken;
+                if (r) {
+                    c->owe_credit = 0;  /* a CREDIT_REQUEST carries fwd_cnt too */
+                    c->last_fwd_sent = c->fwd_cnt;
+                    c->credit_requested |= ask;
+                } else {
+                    rx_empty = 1;
+                }
+            }
+        }
+        if (irq) {
+            vmm_irq_used(s->isr, s->irq_fd);
+            s->interrupts++;
+        }
+        if (s->stop != VMM_SERVE_STOP_CONTROL)
+            return 0;
+        /* Wait: for kicks, for sockets with bytes the guest has room for, for Python's events. */
+        int busy = 0;
+        nfds_t n = 0;
+        p[n++] = (struct pollfd){.fd = s->stop_fd[0], .events = POLLIN};
+        p[n++] = (struct pollfd){.fd = s->stop_fd[1], .events = POLLIN};
+        p[n++] = (struct pollfd){.fd = v->py_fd, .events = POLLIN};
+        p[n++] = (struct pollfd){.fd = v->rx_kick_fd, .events = POLLIN};
+        p[n++] = (struct pollfd){.fd = s->kick_fd, .events = POLLIN};
+        for (uint32_t i = 0; i < v->nconns; i++) {
+            struct vmm_vsock_lconn *c = &v->conns[i];
+            int want = !c->readable && vmm_vsock_credit(c);
+            busy |= c->readable && vmm_vsock_credit(c) && !rx_empty;
+            /* A negative fd is skipped: no spurious POLLHUP spin (Python's epoll reports hangups). */
+            p[n++] = (struct pollfd){.fd = want ? c->fd : -1, .events = POLLIN};
+        }
+        do
+            r = poll(p, n, busy ? 0 : -1);
+        while (r < 0 && errno == EINTR);
+        if (r < 0) {
+            vmm_fail(err, errlen, "internal error: poll: %s", strerror(errno));
+            goto broken;
+        }
+        s->wakeups++;
+        if ((p[0].revents | p[1].revents) & (POLLIN | POLLERR | POLLHUP | POLLNVAL))
+            return 0;
+        if (p[3].revents & POLLIN) {
+            vmm_drain_fd(v->rx_kick_fd);
+            rx_empty = 0;
+        }
+        if (p[4].revents & POLLIN)
+            vmm_drain_fd(s->kick_fd);
+        for (uint32_t i = 0; i < v->nconns; i++)
+            if (p[5 + i].revents & (POLLIN | POLLHUP | POLLERR))
+                v->conns[i].readable = 1;
+        if (p[2].revents) {
+            /* The kicks just drained are in that epoll too: only what is left is Python's. */
+            struct pollfd e = {.fd = v->py_fd, .events = POLLIN};
+            if (poll(&e, 1, 0) > 0)
+                return 0;
+        }
+    }
+broken:
+    s->stop = VMM_SERVE_STOP_BROKEN;
+    return -1;
+}
+
+/* sizeof(struct pollfd), for the Python side's scratch array. */
+static size_t vmm_pollfd_size(void)
+{
+    return sizeof(struct pollfd);
+}

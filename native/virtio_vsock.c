@@ -18,6 +18,7 @@
 #define VMM_VSOCK_TYPE_STREAM 1
 #define VMM_VSOCK_OP_RW 5
 #define VMM_VSOCK_OP_CREDIT_UPDATE 6
+#define VMM_VSOCK_OP_CREDIT_REQUEST 7
 
 /* How a burst ended (vmm_vsock_rx.stop / vmm_vsock_tx.stop). */
 #define VMM_VSOCK_STOP_BUDGET 0     /* credit, payload budget or packet budget used up */

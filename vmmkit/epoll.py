@@ -193,6 +193,14 @@ class EventLoop:
         """
         return self._kill_fd.fileno(), self._pause_fd.fileno()
 
+    def epoll_fd(self) -> int:
+        """The loop's own epoll fd: readable when any fd added to the loop (or kill, pause) is ready.
+
+        A C serving loop that watches some of the loop's fds itself (after
+        draining them) polls this too, to come back for everything else.
+        """
+        return self._epoll.fileno()
+
     @property
     def killed(self) -> bool:
         """Whether :meth:`kill` has been called."""

@@ -87,6 +87,8 @@ MAX_HANDSHAKES = 256
 MAX_CONNECT_LINE = 32
 #: RSTs waiting for an rx buffer that belong to no connection (more are dropped).
 MAX_PENDING_RST = 1024
+#: Rounds into the C serving loop per worker event; each comes back for Python's work.
+MAX_SERVE_ROUNDS = 64
 #: Seconds the guest has to answer a REQUEST, and to finish closing a connection.
 REQUEST_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 10.0
@@ -329,6 +331,7 @@ class VirtioVsock(VirtioDevice):
                 return
             try:
                 fn(*args, events)
+                self._serve_in_c()
             except QueueError as exc:
                 self.fail(str(exc))
         return callback
@@ -341,6 +344,80 @@ class VirtioVsock(VirtioDevice):
             self._process_rx()
         elif index == EVENT:
             self._process_events()
+        self._serve_in_c()
+
+    # ----- the C serving loop (native engine, in a VM) -----
+    def _serve_in_c(self) -> None:
+        """Hand the established connections to C until it needs Python (``native/virtio_serve.c``).
+
+        In C, data flows both ways, the guest's credit updates are taken and
+        ours sent, and interrupts are raised, with no Python per packet or
+        per event. C comes back for anything else: a handshake, a control
+        packet, a stream's end, a socket that does not take all the guest
+        sent, or any other fd of the worker's loop (pause, kill, the
+        listener, the timer, connections it does not serve).
+        """
+        ctx = self.ctx
+        if (self._native is None or ctx is None or ctx.native_interrupt is None or self._loop is None
+                or self.broken is not None or len(ctx.notify_fds) < 2 or ctx.notify_fds[RX] is None
+                or ctx.notify_fds[TX] is None):
+            return
+        for _ in range(MAX_SERVE_ROUNDS):
+            if self._rst_queue or any(not c.dead and not self._in_c(c) for c in self._rx_ready):
+                return  # packets for the guest that only the Python path makes
+            table = [c for c in self._conns.values() if self._in_c(c)]
+            if not table:
+                return
+            for c in table:
+                if c.events:
+                    # C polls these itself; the loop's epoll (which C also watches) must not wake for them.
+                    self._loop.modify(c.sock, 0)
+                    c.events = 0
+            result = self._native.serve(
+                ctx.memory, ctx.queues[RX], ctx.queues[TX], rx_kick=ctx.notify_fds[RX].fd,
+                tx_kick=ctx.notify_fds[TX].fd, control_fds=self._loop.control_fds(), py_fd=self._loop.epoll_fd(),
+                interrupt=ctx.native_interrupt, guest_cid=self.guest_cid, buf_alloc=BUF_ALLOC,
+                credit_below=CREDIT_UPDATE_BELOW,
+                conns=[(c.local_port, c.peer_port, c.sock.fileno(), c.rx_cnt, c.tx_cnt, c.fwd_cnt, c.last_fwd_sent,
+                        c.peer_buf_alloc, c.peer_fwd_cnt, c.readable != NOT_READABLE,
+                        bool(c.owe & OWE_CREDIT_UPDATE), c.credit_requested) for c in table])
+            self.stats["loop_rounds"] += 1
+            for c, got in zip(table, result.conns):
+                moved_rx, moved_tx = (got.rx_cnt - c.rx_cnt) & P.U32, (got.tx_cnt - c.tx_cnt) & P.U32
+                self.stats["rx_bytes"] += moved_rx
+                self.stats["tx_bytes"] += moved_tx
+                self.stats["rx_loop_bytes"] += moved_rx
+                self.stats["tx_loop_bytes"] += moved_tx
+                c.rx_cnt, c.tx_cnt, c.fwd_cnt, c.last_fwd_sent = got.rx_cnt, got.tx_cnt, got.fwd_cnt, got.last_fwd_sent
+                c.peer_buf_alloc, c.peer_fwd_cnt = got.peer_buf_alloc, got.peer_fwd_cnt
+                c.credit_requested = got.credit_requested
+                c.readable = READABLE if got.readable else NOT_READABLE
+                c.owe = (c.owe | OWE_CREDIT_UPDATE) if got.owe_credit else (c.owe & ~OWE_CREDIT_UPDATE)
+            if result.spill_conn >= 0:
+                conn = table[result.spill_conn]
+                if result.err_no:
+                    self._reset(conn, f"host write failed: {os.strerror(result.err_no)}")
+                else:
+                    conn.tx_chunks.append(result.spill)
+                    conn.tx_len += len(result.spill)
+            for c in table:
+                if not c.dead:
+                    self._refresh(c)
+            if result.stop != N.STOP_LOOP_PYTHON:
+                # The worker loop's turn (pause, kill, its other fds). Serve what is ready first, as
+                # every callback does: after a pause nothing may wake the worker for it.
+                self._process_rx()
+                return
+            # A packet, a partial write or a stream's end for the per-packet path; then C again.
+            self._process_tx()
+
+    @staticmethod
+    def _in_c(conn: Connection) -> bool:
+        """Whether the C serving loop may carry *conn*: established, open both ways, nothing buffered or owed."""
+        return (conn.state == ESTABLISHED and conn.sock is not None and conn.registered and not conn.dead
+                and not conn.tx_chunks and not conn.prefix and not conn.host_eof and not conn.host_gone
+                and not conn.peer_shut and not conn.wr_shut and not conn.owe & ~OWE_CREDIT_UPDATE
+                and conn.deadline is None)
 
     # ----- tx: packets from the guest -----
     def _process_tx(self) -> None:

@@ -59,6 +59,36 @@ class TxResult(NamedTuple):
     interrupt: bool
 
 
+class LoopConn(NamedTuple):
+    """A connection's counters as the C serving loop left them."""
+
+    rx_cnt: int
+    tx_cnt: int
+    fwd_cnt: int
+    last_fwd_sent: int
+    peer_buf_alloc: int
+    peer_fwd_cnt: int
+    readable: bool
+    owe_credit: bool
+    credit_requested: bool
+
+
+class ServeResult(NamedTuple):
+    """Why the C serving loop came back, and what it did to each connection of its table."""
+
+    stop: int          # STOP_CONTROL, STOP_RECALL, STOP_PYTHON (STOP_BROKEN raises)
+    conns: List[LoopConn]
+    conn: int          # STOP_PYTHON: the connection whose stream ended or failed, else -1
+    spill_conn: int    # STOP_PYTHON: a socket took part of a packet (-1: none); the rest is in spill
+    spill: bytes
+    err_no: int
+
+
+STOP_CONTROL = lib.VMM_SERVE_STOP_CONTROL
+STOP_RECALL = lib.VMM_SERVE_STOP_RECALL
+STOP_LOOP_PYTHON = lib.VMM_SERVE_STOP_PYTHON
+
+
 class NativeVsockPath:
     """Burst calls into ``native/virtio_vsock.c`` for one device (used from its worker thread only).
 
@@ -79,6 +109,12 @@ class NativeVsockPath:
         self.max_packets = max_packets
         self._conns = ffi.new("struct vmm_vsock_conn[]", 1)
         self._conns_cap = 1
+        self._serve = ffi.new("struct vmm_vsock_serve *")
+        self._rxq = ffi.new("struct vmm_vq *")
+        self._lconns = self._pfd = None
+        self._lcap = 0
+        #: Poll wake-ups and interrupts of the C serving loop, since the device was made.
+        self.serve_wakeups = self.serve_interrupts = 0
 
     def forget(self) -> None:
         """Drop the memory table (the device was reset; nothing of ours runs in C now)."""
@@ -131,3 +167,57 @@ class NativeVsockPath:
                 for i in range(n)]
         spill = bytes(ffi.buffer(self._spill, tx.spill_len)) if tx.stop == STOP_SPILL else b""
         return TxResult(done, tx.packets, tx.stop, tx.spill_conn, spill, tx.err_no, bool(rc))
+
+    def serve(self, memory, rx_queue, tx_queue, *, rx_kick: int, tx_kick: int, control_fds, py_fd: int,
+              interrupt, guest_cid: int, buf_alloc: int, credit_below: int, conns: Sequence[tuple]) -> ServeResult:
+        """Serve *conns* both ways in C until Python is needed (``native/virtio_serve.c``).
+
+        *conns* are ``(local_port, peer_port, fd, rx_cnt, tx_cnt, fwd_cnt, last_fwd_sent,
+        peer_buf_alloc, peer_fwd_cnt, readable, owe_credit, credit_requested)`` of established
+        connections with nothing buffered. The loop returns when one of
+        *control_fds* or *py_fd* (the worker's epoll, for everything else)
+        is readable, when a packet, a partial write or a stream's end needs
+        the Python path, or when guest memory changed (then it comes back
+        here). Raises :class:`QueueError` when the driver broke a ring.
+        """
+        n = len(conns)
+        if n > self._lcap:
+            self._lcap = max(n, 2 * self._lcap, 8)
+            self._lconns = ffi.new("struct vmm_vsock_lconn[]", self._lcap)
+            self._pfd = ffi.new("char[]", lib.vmm_pollfd_size() * (5 + self._lcap))
+            self._conns = ffi.new("struct vmm_vsock_conn[]", self._lcap)
+            self._conns_cap = self._lcap
+        table = self._lconns
+        for i, values in enumerate(conns):
+            c = table[i]
+            (c.local_port, c.peer_port, c.fd, c.rx_cnt, c.tx_cnt, c.fwd_cnt, c.last_fwd_sent,
+             c.peer_buf_alloc, c.peer_fwd_cnt, c.readable, c.owe_credit, c.credit_requested) = values
+        v = self._serve
+        srv = v.srv
+        srv.kick_fd = tx_kick
+        srv.stop_fd[0], srv.stop_fd[1] = control_fds
+        srv.isr, srv.irq_fd = interrupt.isr, interrupt.fd
+        srv.table_gen = memory.table_gen
+        v.rx_kick_fd, v.py_fd, v.guest_cid = rx_kick, py_fd, guest_cid
+        v.buf_alloc, v.credit_below = buf_alloc, credit_below
+        v.max_payload, v.max_packets = self.max_payload, self.max_packets
+        v.conns, v.nconns, v.tx_table, v.spill = table, n, self._conns, self._spill
+        v.pfd = ffi.cast("struct pollfd *", self._pfd)
+        while True:
+            srv.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
+            self._nmem.sync(memory)
+            load_queue(self._rxq, rx_queue)
+            load_queue(self._vq, tx_queue)
+            rc = lib.vmm_vsock_serve(self._nmem.struct, self._rxq, self._vq, v, self._err, len(self._err))
+            store_queue(self._rxq, rx_queue)
+            store_queue(self._vq, tx_queue)
+            self.serve_wakeups, self.serve_interrupts = srv.wakeups, srv.interrupts
+            if rc < 0:
+                raise QueueError(ffi.string(self._err).decode(errors="replace"))
+            if srv.stop != STOP_RECALL:
+                break
+        out = [LoopConn(c.rx_cnt, c.tx_cnt, c.fwd_cnt, c.last_fwd_sent, c.peer_buf_alloc, c.peer_fwd_cnt,
+                        bool(c.readable), bool(c.owe_credit), bool(c.credit_requested))
+               for c in (table[i] for i in range(n))]
+        spill = bytes(ffi.buffer(self._spill, v.spill_len)) if v.spill_conn >= 0 else b""
+        return ServeResult(srv.stop, out, v.conn, v.spill_conn, spill, v.err_no)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 
+from ..kvm.vm import EventFd
 from ..memory import GuestMemory
 from ..virtio.constants import STATUS_DEVICE_NEEDS_RESET
 from ..virtio.mmio import VirtioMmioTransport
@@ -30,11 +31,15 @@ class VirtioHarness:
     """One device behind a transport, initialised by a Linux-like driver."""
 
     def __init__(self, device, *, memory_size: int = 16 << 20, event_idx: bool = False, indirect: bool = False,
-                 accept: int | None = None, queue_size: int | None = None):
+                 accept: int | None = None, queue_size: int | None = None, irqfd: bool = False):
         self.device = device
         self.memory = GuestMemory.create(memory_size)
         self.interrupts = 0
-        self.transport = VirtioMmioTransport(device, self.memory, self._irq)
+        # irqfd: the interrupt is an eventfd, as in a VM, so a device that serves in C
+        # (DeviceContext.native_interrupt) raises it there; those are not counted.
+        self._irqfd = EventFd() if irqfd else None
+        self.transport = VirtioMmioTransport(device, self.memory, self._irq,
+                                             irq_fd=self._irqfd.fd if irqfd else None)
         self.alloc = GuestAllocator(DRIVER_AREA, memory_size)
         self.driver = MmioDriver(self.transport, self.memory, self.alloc)
         self.queues = self.driver.init(accept=accept, queues=len(device.queue_sizes), queue_size=queue_size,
@@ -42,6 +47,8 @@ class VirtioHarness:
 
     def _irq(self) -> None:
         self.interrupts += 1
+        if self._irqfd is not None:
+            self._irqfd.signal()
 
     def request(self, out_bufs, in_lens, *, queue: int = 0, indirect: bool = False, timeout: float = 10.0):
         """Post one chain, kick, wait for the device to return it: ``(written, [writable buffers' bytes])``."""
@@ -84,6 +91,8 @@ class VirtioHarness:
         if close is not None:
             close()
         self.memory.close()
+        if self._irqfd is not None:
+            self._irqfd.close()
 
     def __enter__(self) -> "VirtioHarness":
         return self
