@@ -39,7 +39,12 @@ socket with the GIL released. ``python`` is the reference: every packet goes
 through the per-packet code here and a data path object (:mod:`.datapath`).
 The native engine leaves everything but stream data and the guest's credit
 updates (handshakes, other control packets, the end of a stream, errors) to
-that same per-packet code.
+that same per-packet code. In a VM (the interrupt is an irqfd) it goes
+further: once only established connections have work, the worker enters a
+C serving loop (``native/virtio_serve.c``, :meth:`VirtioVsock._serve_in_c`)
+that polls their sockets and both queues' kicks itself, moves data both ways,
+takes the guest's credit updates and sends ours, and raises interrupts, so a
+busy connection costs no Python at all; it comes back for everything else.
 
 Connections cannot survive a snapshot: after :meth:`VirtioVsock.restore` the
 device sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, and the guest drops its
