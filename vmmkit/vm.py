@@ -473,7 +473,8 @@ class Vm:
             if reason == "error":
                 print(f"vmmkit: error: {self.stop_detail}", file=sys.stderr)
             tail = bytes(self.exec_stream.log[-2000:]).decode(errors="replace")
-            print(f"vmmkit: the guest stopped ({reason}) before the command reported its status; "
+            why = f"{reason}: {self.stop_detail}" if self.stop_detail and reason != "error" else reason
+            print(f"vmmkit: the guest stopped ({why}) before the command reported its status; "
                   f"console tail:\n{tail}", file=sys.stderr)
             return exitcodes.NO_STATUS
         if reason == "poweroff":

@@ -39,8 +39,9 @@ socket with the GIL released. ``python`` is the reference: every packet goes
 through the per-packet code here and a data path object (:mod:`.datapath`).
 The native engine leaves everything but stream data and the guest's credit
 updates (handshakes, other control packets, the end of a stream, errors) to
-that same per-packet code. In a VM (the interrupt is an irqfd) it goes
-further: once only established connections have work, the worker enters a
+that same per-packet code. ``loop`` (experimental) goes further, in a VM
+(where the interrupt is an irqfd): once only established connections have
+work, the worker enters a
 C serving loop (``native/virtio_serve.c``, :meth:`VirtioVsock._serve_in_c`)
 that polls their sockets and both queues' kicks itself, moves data both ways,
 takes the guest's credit updates and sends ours, and raises interrupts, so a
@@ -105,7 +106,7 @@ HOST_PORT_BASE = 1 << 30
 _CONFIG = struct.Struct("<Q")
 
 #: The data path engines (see the module docstring).
-ENGINES = ("native", "python")
+ENGINES = ("native", "python", "loop")
 
 # Connection states.
 LOCAL_INIT = "local-init"      # host-initiated, waiting for the guest's RESPONSE
@@ -221,7 +222,7 @@ class VirtioVsock(VirtioDevice):
         self.uds_path = uds_path
         self.datapath = datapath or PythonDataPath()
         self.engine = engine
-        self._native = N.NativeVsockPath(P.MAX_PKT_PAYLOAD) if engine == "native" else None
+        self._native = N.NativeVsockPath(P.MAX_PKT_PAYLOAD) if engine in ("native", "loop") else None
         #: Counters for diagnostics and tests (bad packets, refusals, bytes each way).
         self.stats: collections.Counter = collections.Counter()
         self._listener = listen_unix(uds_path)
@@ -363,7 +364,7 @@ class VirtioVsock(VirtioDevice):
         listener, the timer, connections it does not serve).
         """
         ctx = self.ctx
-        if (self._native is None or ctx is None or ctx.native_interrupt is None or self._loop is None
+        if (self.engine != "loop" or ctx is None or ctx.native_interrupt is None or self._loop is None
                 or self.broken is not None or len(ctx.notify_fds) < 2 or ctx.notify_fds[RX] is None
                 or ctx.notify_fds[TX] is None):
             return

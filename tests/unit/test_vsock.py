@@ -137,7 +137,7 @@ def engine(request):
 
 def on_bench(virtio_harness, uds, engine, **options):
     """A device with *engine* on a test bench: (device, bench)."""
-    device = VirtioVsock("vsock0", CID, uds, engine="native" if engine == "native-loop" else engine)
+    device = VirtioVsock("vsock0", CID, uds, engine="loop" if engine == "native-loop" else engine)
     return device, virtio_harness(device, irqfd=engine == "native-loop", **options)
 
 
