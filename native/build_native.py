@@ -115,7 +115,7 @@ uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits);
 uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits);
 struct vmm_serve {
     int kick_fd; int stop_fd[2]; uint32_t *isr; int irq_fd; uint32_t *table_gen; uint32_t mem_gen;
-    uint32_t lazy_min; long coalesce_ns; int32_t stop; uint64_t wakeups; uint64_t interrupts;
+    uint32_t lazy_min; int32_t stop; uint64_t wakeups; uint64_t interrupts;
 };
 int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                   struct vmm_serve *s, char *err, size_t errlen);

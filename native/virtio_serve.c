@@ -15,7 +15,6 @@
  * thread when the driver reads or acknowledges it, C here. */
 
 #include <poll.h>
-#include <time.h>
 
 /* InterruptStatus updates (return the new value). */
 static uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits)
@@ -46,7 +45,6 @@ struct vmm_serve {
     uint32_t mem_gen;           /* the generation the C view was built from */
     /* out */
     uint32_t lazy_min;          /* no kicks asked for while this many requests are in flight (0: always) */
-    long coalesce_ns;           /* how long an interrupt may wait for more completions (0: not at all) */
     int32_t stop;               /* VMM_SERVE_STOP_* */
     uint64_t wakeups;
     uint64_t interrupts;
@@ -65,34 +63,21 @@ static void vmm_drain_fd(int fd)
     while (r < 0 && errno == EINTR);
 }
 
-/* Wait up to ns nanoseconds for fd to become readable: 1 if it did. */
-static int vmm_wait_readable(int fd, long ns)
-{
-    struct pollfd p = {.fd = fd, .events = POLLIN};
-    struct timespec t = {.tv_sec = 0, .tv_nsec = ns};
-    int r;
-    do
-        r = ppoll(&p, 1, &t, NULL);
-    while (r < 0 && errno == EINTR);
-    return r > 0;
-}
-
 /* One round of work on virtio-blk's queue: take what is posted, answer what
  * finished, and again while chains wait for the slots just freed, or while
  * nothing is in flight any more but no kick was asked for (a chain posted
- * meanwhile would wait for ever). With s->coalesce_ns, an interrupt due
- * while more requests are in flight waits that long (once) for them to
- * finish too, so the guest takes one interrupt for both. 0, or -1 when the
- * driver broke the ring. */
+ * meanwhile would wait for ever). One interrupt for the round, if the driver
+ * wants one. 0, or -1 when the driver broke the ring. */
 static int vmm_blk_round(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                          struct vmm_serve *s, char *err, size_t errlen)
 {
     char scratch[8];
-    int irq = 0, waited = 0, rc = 0;
+    int irq = 0, rc = 0;
     for (;;) {
         if (vmm_blk_submit(mem, vq, blk, io, err, errlen) < 0) {
             /* The chains taken before the bad one are answered first. */
-            irq |= vmm_blk_complete(mem, vq, blk, io, scratch, sizeof(scratch)) > 0;
+            int done = vmm_blk_complete(mem, vq, blk, io, scratch, sizeof(scratch));
+            irq |= done > 0 && (done & 1);
             rc = -1;
             break;
         }
@@ -104,11 +89,6 @@ static int vmm_blk_round(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         irq |= done & 1;
         if (done & 2)
             continue;
-        if (irq && !waited && s->coalesce_ns && io->efd >= 0 && vmm_blk_inflight(io)) {
-            waited = 1;
-            if (vmm_wait_readable(io->efd, s->coalesce_ns))
-                continue;
-        }
         if (io->armed || vmm_blk_inflight(io))
             break;
     }

@@ -239,7 +239,6 @@ class NativeBlk:
             s.isr, s.irq_fd = interrupt.isr, interrupt.fd
             s.table_gen = memory.table_gen
             s.lazy_min = LAZY_KICK_INFLIGHT
-            s.coalesce_ns = int(os.environ.get("VMMKIT_BLK_COALESCE_US", "0")) * 1000
             while True:
                 s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
                 rc = self._call(lib.vmm_blk_serve, memory, queue, s)
