@@ -41,9 +41,9 @@ The native engine leaves everything but stream data and the guest's credit
 updates (handshakes, other control packets, the end of a stream, errors) to
 that same per-packet code. ``loop`` (experimental) goes further, in a VM
 (where the interrupt is an irqfd): once only established connections have
-work, the worker enters a
-C serving loop (``native/virtio_serve.c``, :meth:`VirtioVsock._serve_in_c`)
-that polls their sockets and both queues' kicks itself, moves data both ways,
+work, the worker enters a C serving loop (``native/virtio_serve.c``,
+:meth:`VirtioVsock._serve_in_c`) that polls their sockets and both queues'
+kicks itself, moves data both ways,
 takes the guest's credit updates and sends ours, and raises interrupts, so a
 busy connection costs no Python at all; it comes back for everything else.
 
@@ -352,7 +352,7 @@ class VirtioVsock(VirtioDevice):
             self._process_events()
         self._serve_in_c()
 
-    # ----- the C serving loop (native engine, in a VM) -----
+    # ----- the C serving loop (engine = "loop", in a VM) -----
     def _serve_in_c(self) -> None:
         """Hand the established connections to C until it needs Python (``native/virtio_serve.c``).
 
