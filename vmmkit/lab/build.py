@@ -25,7 +25,7 @@ LAB_MODULES = [
     "virtio_pci", "9pnet_virtio", "9p", "overlay", "kvm_amd", "vhost_vsock",
     "virtio_blk", "ext4", "crc32c_generic",
 ]
-FORMAT = 4  # bump when the lab's /init or module list changes
+FORMAT = 5  # bump when the lab's /init or module list changes
 
 
 @attrs.frozen

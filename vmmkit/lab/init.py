@@ -17,6 +17,10 @@ export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+# khugepaged (it collapses small pages into huge ones in the background) once held a CPU of
+# this emulated machine for minutes (soft lockup, the lab wedged); huge pages still come at
+# fault time, which is what guest RAM gets (see vmmkit/memory.py).
+echo 3600000 > /sys/kernel/mm/transparent_hugepage/khugepaged/scan_sleep_millisecs 2>/dev/null
 release=$(uname -r)
 while read -r m; do insmod "/lib/modules/$release/$m" 2>/dev/null; done < /etc/vmmkit/modules
 run=
