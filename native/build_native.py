@@ -58,6 +58,8 @@ long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg);
 struct vmm_fast_mmio { uint64_t addr; uint32_t *word; uint32_t kind; };
 struct vmm_fast_table { struct vmm_fast_mmio *entries; uint32_t n; uint64_t hits; };
 int vmm_run(int fd, struct kvm_run *run, struct vmm_exit *out, struct vmm_fast_table *fast);
+uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits);
+uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits);
 #define VMM_FAST_READ32 ...
 #define VMM_FAST_ACK32 ...
 void vmm_set_mmio_data(struct kvm_run *run, const uint8_t *data, uint32_t len);
@@ -111,8 +113,6 @@ struct vmm_vsock_tx {
 int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_rx *rx, char *err, size_t errlen);
 int vmm_vsock_tx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_tx *tx, char *err, size_t errlen);
 /* virtio_serve.c */
-uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits);
-uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits);
 struct vmm_serve {
     int kick_fd; int stop_fd[2]; uint32_t *isr; int irq_fd; uint32_t *table_gen; uint32_t mem_gen;
     uint32_t lazy_min; int32_t stop; uint64_t wakeups; uint64_t interrupts;

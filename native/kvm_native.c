@@ -35,6 +35,19 @@ static long vmm_ioctl_val(int fd, unsigned long request, unsigned long arg)
     return r < 0 ? -errno : r;
 }
 
+/* The transport's InterruptStatus word (vmmkit/virtio/mmio.py) is shared by
+ * vCPU threads, device loops in C and Python: every change is atomic. Both
+ * return the new value. */
+static uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits)
+{
+    return __atomic_or_fetch(isr, bits, __ATOMIC_SEQ_CST);
+}
+
+static uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits)
+{
+    return __atomic_and_fetch(isr, bits, __ATOMIC_SEQ_CST);
+}
+
 /* MMIO registers answered inside vmm_run, without going back to Python:
  * virtio-MMIO's InterruptStatus (read) and InterruptACK (write), which the
  * guest touches on every interrupt. The words are shared with C device loops
@@ -69,7 +82,7 @@ static int vmm_fast_mmio(struct kvm_run *run, struct vmm_fast_table *t)
         } else if (run->mmio.is_write && e->kind == VMM_FAST_ACK32) {
             uint32_t v;
             memcpy(&v, run->mmio.data, 4);
-            __atomic_and_fetch(e->word, ~v, __ATOMIC_SEQ_CST);
+            vmm_isr_and(e->word, ~v);
         } else {
             return 0;
         }

@@ -659,6 +659,17 @@ static void vmm_efd_signal(int efd)
     }
 }
 
+/* Empty an eventfd (non-blocking): its count is not needed, only that it
+ * is no longer readable. */
+static void vmm_drain_fd(int fd)
+{
+    uint64_t v;
+    ssize_t r;
+    do
+        r = read(fd, &v, sizeof(v));
+    while (r < 0 && errno == EINTR);
+}
+
 /* Put a slot on the done list. Caller holds io->lock for the pool. */
 static void vmm_done_push_locked(struct vmm_blk_io *io, uint32_t slot)
 {
@@ -1399,15 +1410,10 @@ static int vmm_blk_complete(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_b
         err[0] = 0;
     if (!mem || !vq || !blk || !io)
         return vmm_fail(err, errlen, "internal error: missing memory, queue, backend or executor");
-    if (io->efd >= 0) {
-        /* Consume the signal before reaping: a completion after the reap
-         * signals again, so none is missed. */
-        uint64_t v;
-        ssize_t r;
-        do
-            r = read(io->efd, &v, sizeof(v));
-        while (r < 0 && errno == EINTR);
-    }
+    /* Consume the signal before reaping: a completion after the reap
+     * signals again, so none is missed. */
+    if (io->efd >= 0)
+        vmm_drain_fd(io->efd);
 #ifdef VMM_HAVE_URING
     if (io->kind == VMM_IO_URING)
         vmm_uring_reap(io, blk);

@@ -16,17 +16,6 @@
 
 #include <poll.h>
 
-/* InterruptStatus updates (return the new value). */
-static uint32_t vmm_isr_or(uint32_t *isr, uint32_t bits)
-{
-    return __atomic_or_fetch(isr, bits, __ATOMIC_SEQ_CST);
-}
-
-static uint32_t vmm_isr_and(uint32_t *isr, uint32_t bits)
-{
-    return __atomic_and_fetch(isr, bits, __ATOMIC_SEQ_CST);
-}
-
 /* Raise the used-buffer interrupt: the status bit first, so the driver's
  * handler, woken by the irqfd, finds it set. */
 static void vmm_irq_used(uint32_t *isr, int irq_fd)
@@ -53,15 +42,6 @@ struct vmm_serve {
 #define VMM_SERVE_STOP_CONTROL 0    /* kill or pause: Python's turn */
 #define VMM_SERVE_STOP_RECALL 1     /* the region table changed or I/O errors to report: call again */
 #define VMM_SERVE_STOP_BROKEN 2     /* the driver broke the ring (err says how) */
-
-static void vmm_drain_fd(int fd)
-{
-    uint64_t v;
-    ssize_t r;
-    do
-        r = read(fd, &v, sizeof(v));
-    while (r < 0 && errno == EINTR);
-}
 
 /* One round of work on virtio-blk's queue: take what is posted, answer what
  * finished, and again while chains wait for the slots just freed, or while
@@ -266,6 +246,20 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
     v->spill_len = 0;
     v->err_no = 0;
     int rx_empty = 0;   /* the guest has no rx buffer posted: wait for its rx kick */
+    /* The connection set is fixed for the call (vmm_vsock_tx only writes a
+     * burst's results into the table), and so are the first five poll entries. */
+    for (uint32_t i = 0; i < v->nconns; i++) {
+        struct vmm_vsock_conn *t = &v->tx_table[i];
+        t->local_port = v->conns[i].local_port;
+        t->peer_port = v->conns[i].peer_port;
+        t->fd = v->conns[i].fd;
+        t->room = v->buf_alloc;  /* nothing is buffered for these connections */
+    }
+    p[0] = (struct pollfd){.fd = s->stop_fd[0], .events = POLLIN};
+    p[1] = (struct pollfd){.fd = s->stop_fd[1], .events = POLLIN};
+    p[2] = (struct pollfd){.fd = v->py_fd, .events = POLLIN};
+    p[3] = (struct pollfd){.fd = v->rx_kick_fd, .events = POLLIN};
+    p[4] = (struct pollfd){.fd = s->kick_fd, .events = POLLIN};
     for (;;) {
         if (s->table_gen && __atomic_load_n(s->table_gen, __ATOMIC_ACQUIRE) != s->mem_gen) {
             s->stop = VMM_SERVE_STOP_RECALL;
@@ -273,13 +267,6 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
         }
         int irq = 0, r;
         /* Guest -> host. */
-        for (uint32_t i = 0; i < v->nconns; i++) {
-            struct vmm_vsock_conn *t = &v->tx_table[i];
-            t->local_port = v->conns[i].local_port;
-            t->peer_port = v->conns[i].peer_port;
-            t->fd = v->conns[i].fd;
-            t->room = v->buf_alloc;  /* nothing is buffered for these connections */
-        }
         struct vmm_vsock_tx tx = {.guest_cid = v->guest_cid, .conns = v->tx_table, .nconns = v->nconns,
                                   .max_payload = v->max_payload, .max_packets = 1u << 30, .spill = v->spill};
         r = vmm_vsock_tx(mem, txq, &tx, err, errlen);
@@ -363,12 +350,7 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
             return 0;
         /* Wait: for kicks, for sockets with bytes the guest has room for, for Python's events. */
         int busy = 0;
-        nfds_t n = 0;
-        p[n++] = (struct pollfd){.fd = s->stop_fd[0], .events = POLLIN};
-        p[n++] = (struct pollfd){.fd = s->stop_fd[1], .events = POLLIN};
-        p[n++] = (struct pollfd){.fd = v->py_fd, .events = POLLIN};
-        p[n++] = (struct pollfd){.fd = v->rx_kick_fd, .events = POLLIN};
-        p[n++] = (struct pollfd){.fd = s->kick_fd, .events = POLLIN};
+        nfds_t n = 5;
         for (uint32_t i = 0; i < v->nconns; i++) {
             struct vmm_vsock_lconn *c = &v->conns[i];
             int want = !c->readable && vmm_vsock_credit(c);

@@ -37,7 +37,7 @@ import threading
 from typing import Any, Callable, Dict, List, Optional
 
 from vmmkit._native import ffi, lib
-from vmmkit.virtio.native import NativeMemory, load_queue, store_queue
+from vmmkit.virtio.native import NativeMemory, load_queue, setup_serve, store_queue
 from vmmkit.virtio.queue import QueueError
 
 log = logging.getLogger("vmmkit.blk")
@@ -234,10 +234,7 @@ class NativeBlk:
             if self._io == ffi.NULL:
                 raise RuntimeError("the native virtio-blk engine is not open")
             s = self._serve
-            s.kick_fd = kick_fd
-            s.stop_fd[0], s.stop_fd[1] = control_fds
-            s.isr, s.irq_fd = interrupt.isr, interrupt.fd
-            s.table_gen = memory.table_gen
+            setup_serve(s, memory, kick_fd, control_fds, interrupt)
             s.lazy_min = LAZY_KICK_INFLIGHT
             while True:
                 s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import List, NamedTuple, Optional, Sequence
 
 from vmmkit._native import ffi, lib
-from vmmkit.virtio.native import NativeMemory, load_queue, store_queue
+from vmmkit.virtio.native import NativeMemory, load_queue, setup_serve, store_queue
 from vmmkit.virtio.queue import QueueError
 
 #: How a burst ended.
@@ -194,10 +194,7 @@ class NativeVsockPath:
              c.peer_buf_alloc, c.peer_fwd_cnt, c.readable, c.owe_credit, c.credit_requested) = values
         v = self._serve
         srv = v.srv
-        srv.kick_fd = tx_kick
-        srv.stop_fd[0], srv.stop_fd[1] = control_fds
-        srv.isr, srv.irq_fd = interrupt.isr, interrupt.fd
-        srv.table_gen = memory.table_gen
+        setup_serve(srv, memory, tx_kick, control_fds, interrupt)
         v.rx_kick_fd, v.py_fd, v.guest_cid = rx_kick, py_fd, guest_cid
         v.buf_alloc, v.credit_below = buf_alloc, credit_below
         v.max_payload, v.max_packets = self.max_payload, self.max_packets

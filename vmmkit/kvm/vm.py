@@ -27,14 +27,12 @@ class FastMmio:
         self.table = ffi.new("struct vmm_fast_table *")
         self._entries: list = []
         self._arrays: list = []  # every array ever published: a vCPU in KVM_RUN may still hold an old one
-        self._words: list = []
 
     def add(self, addr: int, word, kind: int) -> None:
         """Answer 4-byte accesses to guest-physical *addr* from *word* (``READ32`` or ``ACK32``)."""
         if kind not in (self.READ32, self.ACK32):
             raise ValueError(f"unknown fast MMIO kind {kind}")
         self._entries.append((addr, word, kind))
-        self._words.append(word)
         array = ffi.new("struct vmm_fast_mmio[]", len(self._entries))
         for entry, (a, w, k) in zip(array, self._entries):
             entry.addr, entry.word, entry.kind = a, w, k

@@ -62,8 +62,10 @@ class VirtioMmioTransport:
     ``base + QueueNotify``.
 
     InterruptStatus is a ``uint32_t`` in C memory, changed only with atomic
-    operations (``native/virtio_serve.c``), because a device's C serving
-    loop sets its used-buffer bit without the GIL or the transport's locks.
+    operations (``vmm_isr_or`` / ``vmm_isr_and`` in ``native/kvm_native.c``),
+    because a device's C serving loop sets its used-buffer bit, and a vCPU
+    answers the driver's reads and acknowledgements, without the GIL or the
+    transport's locks.
     """
 
     bus_lock = False  # the transport locks itself; the device thread shares its state
@@ -75,9 +77,10 @@ class VirtioMmioTransport:
         self._irq = irq
         self._isr = ffi.new("uint32_t *")
         self._native_irq = NativeInterrupt(self._isr, irq_fd) if irq_fd is not None else None
-        # Register state belongs to the vCPU side; the device thread only raises
-        # interrupts and NEEDS_RESET, under a lock of their own, so a reset that
-        # joins the device thread can never wait on a lock that thread needs.
+        # Register state belongs to the vCPU side. The device thread only raises
+        # interrupts (atomic updates of InterruptStatus: no lock) and NEEDS_RESET
+        # and config changes (under a lock of their own), so a reset that joins
+        # the device thread can never wait on a lock that thread needs.
         self._lock = threading.RLock()
         self._int_lock = threading.Lock()
         self.queues = [Virtqueue(n) for n in device.queue_sizes]

@@ -7,6 +7,8 @@ memory publishes a new region table, e.g. after hotplug), and
 :func:`load_queue` / :func:`store_queue` copy a
 :class:`~vmmkit.virtio.queue.Virtqueue`'s indices in and out around a call,
 so the Python and C paths can take turns on the same queue.
+:func:`setup_serve` fills what every C serving loop (``native/virtio_serve.c``)
+waits on.
 """
 
 from __future__ import annotations
@@ -76,3 +78,18 @@ def load_queue(vq, queue) -> None:
 def store_queue(vq, queue) -> None:
     """Copy the indices C advanced back into the :class:`Virtqueue`."""
     queue.next_avail, queue.next_used, queue.signalled_used = vq.next_avail, vq.next_used, vq.signalled_used
+
+
+def setup_serve(srv, memory, kick_fd: int, control_fds, interrupt) -> None:
+    """Fill ``struct vmm_serve`` *srv* for a C serving loop.
+
+    *kick_fd*: the queue's notify eventfd; *control_fds*: the worker loop's
+    kill and pause fds (readable: back to Python); *interrupt*: a
+    :class:`~vmmkit.virtio.device.NativeInterrupt`. The loop watches
+    *memory*'s region-table generation and returns when it changes; the
+    caller sets ``srv.mem_gen`` before each call.
+    """
+    srv.kick_fd = kick_fd
+    srv.stop_fd[0], srv.stop_fd[1] = control_fds
+    srv.isr, srv.irq_fd = interrupt.isr, interrupt.fd
+    srv.table_gen = memory.table_gen
