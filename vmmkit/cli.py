@@ -150,6 +150,11 @@ def _ctl_info(client, args) -> int:
     return 0
 
 
+def _ctl_inspect(client, args) -> int:
+    print(json.dumps(client.call("GET", "/vm/inspect"), indent=2))
+    return 0
+
+
 def _ctl_action(method: str, path: str, done: str):
     def run(client, args) -> int:
         result = client.call(method, path)
@@ -200,6 +205,8 @@ def _add_ctl_parser(sub, plugins=None) -> None:
     csub = ctl.add_subparsers(dest="ctl_verb", required=True, metavar="COMMAND")
     verbs = [
         ("info", "the VM's state, configuration and devices", _ctl_info),
+        ("inspect", "a paused VM's vCPUs (where, halted, pending interrupts) and virtqueues, as JSON",
+         _ctl_inspect),
         ("pause", "stop every vCPU and device (the guest notices nothing when resumed)",
          _ctl_action("PUT", "/vm/pause", "{state}")),
         ("resume", "continue a paused VM where it stopped", _ctl_action("PUT", "/vm/resume", "{state}")),

@@ -297,6 +297,22 @@ class Vm:
         """Stop the VM at once, as if its power were cut (reason "stop"); works in any state."""
         self.request_stop("stop", "stopped through the control API")
 
+    def inspect(self) -> dict:
+        """A paused VM's vCPUs and virtio devices as they stand, for finding out why a guest hangs.
+
+        Per vCPU, :meth:`Vcpu.inspect` (where it is, whether it is halted,
+        the interrupts pending at its LAPIC); per virtio device, its status,
+        InterruptStatus and queues (:meth:`VirtioMmioTransport.inspect`).
+        Raises :class:`VmStateError` unless the VM is paused: only then are
+        the vCPUs out of KVM_RUN and the queues still.
+        """
+        with self._lifecycle_lock:
+            if self.state != "paused":
+                raise VmStateError(f"the VM is {self.state}: only a paused VM can be inspected (pause it first)")
+            return {"vcpus": [vcpu.inspect() for vcpu in self.vcpus],
+                    "devices": [dict(id=self._device_label(t), gsi=desc.gsi, **t.inspect())
+                                for t, desc in zip(self.virtio_transports, self.mmio_devices)]}
+
     def device_info(self) -> list[dict]:
         """The VM's devices: each virtio transport with its [[device]] id and kind, MMIO window and GSI."""
         out = []
@@ -474,8 +490,7 @@ class Vm:
                 print(f"vmmkit: error: {self.stop_detail}", file=sys.stderr)
             tail = bytes(self.exec_stream.log[-2000:]).decode(errors="replace")
             why = f"{reason}: {self.stop_detail}" if self.stop_detail and reason != "error" else reason
-            print(f"vmmkit: the guest stopped ({why}) before the command reported its status; "
-                  f"console tail:\n{tail}", file=sys.stderr)
+            print(exitcodes.STOPPED_EARLY.format(why=why) + f"; console tail:\n{tail}", file=sys.stderr)
             return exitcodes.NO_STATUS
         if reason == "poweroff":
             return exitcodes.POWEROFF

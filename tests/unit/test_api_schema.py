@@ -60,7 +60,8 @@ def test_real_answers_validate_against_the_document(live):
     vm = FakeVm(devices=[{"id": "blk0", "kind": "blk", "transport": "virtio-mmio", "virtio_id": 2,
                           "mmio_base": 0xD0000000, "mmio_size": 0x200, "gsi": 5}])
     server.attach(vm)
-    sequence = [("GET", "/vm"), ("PUT", "/vm/pause"), ("PUT", "/vm/shutdown"), ("GET", "/vm"),
+    sequence = [("GET", "/vm"), ("GET", "/vm/inspect"), ("PUT", "/vm/pause"), ("GET", "/vm/inspect"),
+                ("PUT", "/vm/shutdown"), ("GET", "/vm"),
                 ("PUT", "/vm/resume"), ("PUT", "/vm/shutdown"), ("GET", "/vm"), ("PUT", "/vm/stop"),
                 ("PUT", "/vm/pause"), ("PUT", "/vm/resume"), ("GET", "/vm")]
     statuses = []
@@ -68,4 +69,4 @@ def test_real_answers_validate_against_the_document(live):
         response = session.request(method, BASE_URL + path)
         schema[path][method].validate_response(response)
         statuses.append(response.status_code)
-    assert statuses == [200, 200, 409, 200, 200, 202, 200, 202, 409, 409, 200]
+    assert statuses == [200, 409, 200, 200, 409, 200, 200, 202, 200, 202, 409, 409, 200]

@@ -69,3 +69,57 @@ def test_failing_tests_are_not_rerun(monkeypatch):
     session.run()
     assert len(calls) == 1
     assert session.result("t.py::b") is None
+
+
+def crash_lab(script):
+    """A run_in_lab stand-in whose tests fail as given: (failed {nodeid: text}, passed [nodeids]) per call."""
+    calls = []
+
+    def run_in_lab(argv, **kw):
+        report = next(a.split("=", 1)[1] for a in argv if a.startswith(REPORT_OPT + "="))
+        calls.append([a for a in argv if "::" in a])
+        failed, passed = script[len(calls) - 1]
+        results = {n: {"outcome": "passed", "text": "", "output": "", "done": True} for n in passed}
+        results.update({n: {"outcome": "failed", "text": t, "output": "", "done": True} for n, t in failed.items()})
+        with open(report, "w") as f:
+            json.dump(results, f)
+        return 1 if failed else 0
+    return run_in_lab, calls
+
+
+REBOOTED = pytest_plugin.STOPPED_EARLY.format(why="reboot: triple fault") + "; console tail:\n..."
+
+
+def test_a_module_whose_guest_crashed_runs_once_more_whole(monkeypatch):
+    ids = ["v.py::a", "v.py::b", "v.py::c", "w.py::d"]
+    fake, calls = crash_lab([({"v.py::b": "AssertionError\n" + REBOOTED, "v.py::c": "no such file"},
+                              ["v.py::a", "w.py::d"]),
+                             ({}, ["v.py::a", "v.py::b", "v.py::c"])])
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ids)
+    session.run()
+    assert calls == [ids, ["v.py::a", "v.py::b", "v.py::c"]]
+    assert all(session.result(n)["outcome"] == "passed" for n in ids)
+    assert len(session.guest_crashes) == 1 and "v.py" in session.guest_crashes[0]
+
+
+def test_a_guest_that_crashes_again_fails(monkeypatch):
+    ids = ["v.py::a", "v.py::b"]
+    crashed = ({"v.py::b": REBOOTED}, ["v.py::a"])
+    fake, calls = crash_lab([crashed] * (2 + pytest_plugin.GUEST_CRASH_RETRIES))
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ids)
+    session.run()
+    assert len(calls) == 1 + pytest_plugin.GUEST_CRASH_RETRIES
+    assert session.result("v.py::b")["outcome"] == "failed"
+
+
+def test_failures_without_a_guest_crash_are_not_rerun(monkeypatch):
+    # A poweroff before the command's status, a hang, a wrong answer: the test's own failure.
+    fake, calls = crash_lab([({"v.py::b": pytest_plugin.STOPPED_EARLY.format(why="poweroff"),
+                               "v.py::c": "TimeoutError"}, ["v.py::a"])])
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ["v.py::a", "v.py::b", "v.py::c"])
+    session.run()
+    assert len(calls) == 1
+    assert session.result("v.py::b")["outcome"] == "failed"

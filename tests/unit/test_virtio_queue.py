@@ -286,6 +286,25 @@ def test_rearm_without_event_idx_leaves_avail_event_alone(mem, pair):
     assert drv.avail_event() == 0
 
 
+def test_inspect_shows_both_sides_indices(mem, alloc):
+    drv = SplitQueueDriver(mem, 8, alloc, event_idx=True)
+    q = attach(mem, drv, event_idx=True)
+    for b in (b"a", b"b", b"c"):
+        drv.add_chain([b], [1])
+    q.add_used(mem, q.pop(mem).head, 1)
+    q.rearm(mem)
+    drv.set_used_event(7)
+    seen = q.inspect(mem)
+    assert seen == {"ready": True, "size": 8, "event_idx": True, "next_avail": 1, "next_used": 1,
+                    "signalled_used": 0, "avail_flags": 0, "avail_idx": 3, "used_event": 7, "used_idx": 1,
+                    "avail_event": 1}
+    q.needs_interrupt(mem)
+    assert q.inspect(mem)["signalled_used"] == 1
+    # Rings not set up yet: only the device's own indices.
+    assert Virtqueue(8).inspect(mem) == {"ready": False, "size": 8, "event_idx": False, "next_avail": 0,
+                                         "next_used": 0, "signalled_used": 0}
+
+
 # --- hostile chains --------------------------------------------------------------
 
 

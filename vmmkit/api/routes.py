@@ -1,6 +1,7 @@
 """The core control-API routes (docs/api.yaml is their contract).
 
-``GET /vm`` describes the VM; ``PUT /vm/pause``, ``/vm/resume``,
+``GET /vm`` describes the VM, ``GET /vm/inspect`` a paused VM's vCPUs and
+virtqueues; ``PUT /vm/pause``, ``/vm/resume``,
 ``/vm/shutdown`` (the ACPI power button) and ``/vm/stop`` (at once) change
 its state. Handlers take ``(vm, request)``; the VM is anything with the
 :class:`vmmkit.vm.Vm` lifecycle surface (``state``, ``spec``,
@@ -88,6 +89,14 @@ def get_vm(vm, request: Request):
     return vm_info(vm)
 
 
+def get_inspect(vm, request: Request):
+    _no_body(request)
+    try:
+        return vm.inspect()
+    except VmStateError as exc:
+        raise ApiError(409, str(exc)) from None
+
+
 def put_pause(vm, request: Request):
     _no_body(request)
     _lifecycle(vm.pause, vm)
@@ -114,6 +123,7 @@ def put_stop(vm, request: Request):
 
 CORE_ROUTES = (
     Route("GET", "/vm", get_vm, "the VM's state, configuration and devices"),
+    Route("GET", "/vm/inspect", get_inspect, "a paused VM's vCPUs and virtqueues, for debugging a hung guest"),
     Route("PUT", "/vm/pause", put_pause, "stop every vCPU and device worker"),
     Route("PUT", "/vm/resume", put_resume, "continue a paused VM"),
     Route("PUT", "/vm/shutdown", put_shutdown, "press the ACPI power button (graceful)"),

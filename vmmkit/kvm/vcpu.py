@@ -24,6 +24,21 @@ APIC_MODE_NMI = 0x4
 
 SEGMENTS = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 
+KVM_MP_STATE_HALTED = 3
+RFLAGS_IF = 1 << 9
+APIC_TPR = 0x80
+APIC_ISR = 0x100  # eight 32-bit words, 16 bytes apart; IRR the same from 0x200
+APIC_IRR = 0x200
+
+
+def _apic_vectors(regs: bytes, base: int) -> list[int]:
+    """The vectors set in a 256-bit LAPIC register (ISR or IRR)."""
+    out = []
+    for word in range(8):
+        value, = struct.unpack_from("<I", regs, base + 16 * word)
+        out.extend(32 * word + bit for bit in range(32) if value >> bit & 1)
+    return out
+
 
 class Vcpu:
     """One vCPU. Its methods are called only from its own thread, except kick()."""
@@ -105,6 +120,32 @@ class Vcpu:
             value = (value & ~0x700) | (mode << 8)
             struct.pack_into("<I", buf, reg, value)
         check(lib.vmm_ioctl(self.fd, lib.KVM_SET_LAPIC, lapic), "KVM_SET_LAPIC")
+
+    def inspect(self) -> dict:
+        """Where the vCPU is and what interrupts wait for it, for finding out why a guest hangs.
+
+        Only while the vCPU is out of KVM_RUN (a paused VM). ``halted``: in
+        HLT, waiting for an interrupt; ``lapic_irr`` / ``lapic_isr``: the
+        vectors pending and in service at its local APIC.
+        """
+        regs = self.get_regs()
+        sregs = ffi.new("struct kvm_sregs *")
+        check(lib.vmm_ioctl(self.fd, lib.KVM_GET_SREGS, sregs), "KVM_GET_SREGS")
+        mp_state = ffi.new("struct kvm_mp_state *")
+        check(lib.vmm_ioctl(self.fd, lib.KVM_GET_MP_STATE, mp_state), "KVM_GET_MP_STATE")
+        lapic = ffi.new("struct kvm_lapic_state *")
+        check(lib.vmm_ioctl(self.fd, lib.KVM_GET_LAPIC, lapic), "KVM_GET_LAPIC")
+        apic = bytes(ffi.buffer(lapic.regs))
+        return {
+            "index": self.index,
+            "rip": regs["rip"], "rsp": regs["rsp"], "rflags": regs["rflags"],
+            "interrupts_enabled": bool(regs["rflags"] & RFLAGS_IF),
+            "cs": sregs.cs.selector, "cr0": sregs.cr0, "cr3": sregs.cr3, "cr4": sregs.cr4, "efer": sregs.efer,
+            "halted": mp_state.mp_state == KVM_MP_STATE_HALTED,
+            "lapic_tpr": struct.unpack_from("<I", apic, APIC_TPR)[0],
+            "lapic_irr": _apic_vectors(apic, APIC_IRR),
+            "lapic_isr": _apic_vectors(apic, APIC_ISR),
+        }
 
     # --- running ---
     def run(self):

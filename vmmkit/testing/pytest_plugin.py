@@ -22,11 +22,17 @@ import tempfile
 
 import pytest
 
+from ..exitcodes import STOPPED_EARLY
 from ..hostkvm import in_lab, kvm_status
 
 REPORT_OPT = "--vmmkit-lab-report"
 #: Fresh labs for the tests a crashed lab took down (the crash is the emulator's, see docs/lab.md).
 LAB_RETRIES = 2
+#: Fresh labs for the test modules whose guest crashed (see _LabSession.run).
+GUEST_CRASH_RETRIES = 1
+#: What `vmmkit run --exec` prints when the guest rebooted or triple-faulted: no guest
+#: test's command reboots, so in a failure's text this means the guest crashed.
+GUEST_REBOOTED = STOPPED_EARLY.split("{why}")[0] + "reboot"
 
 
 def pytest_addoption(parser):
@@ -107,18 +113,41 @@ class _LabSession:
         self.results: dict[str, dict] | None = None
         self.status: int | None = None
         self.lab_failures: list[str] = []
+        self.guest_crashes: list[str] = []  # the modules run again because their guest crashed
 
     def run(self):
-        """Run the guest tests; if the lab machine itself dies, run the unfinished ones in a fresh lab.
+        """Run the guest tests, again where the emulated machine failed them.
 
         The emulated machine's kernel occasionally crashes under nested KVM
         (docs/lab.md): that is the lab failing, not the test, so the tests it
-        took down get another lab, up to LAB_RETRIES times, and say so.
+        took down get another lab, up to LAB_RETRIES times, and say so. The
+        same emulation occasionally crashes the guests inside the lab under
+        heavy interrupt load (a triple fault, or a fault in the interrupt
+        entry and a panic): a test module whose failures say the guest
+        rebooted runs once more, whole (its tests share one guest), in a
+        fresh lab, and the output says so. Its second result is the one
+        reported; a failure that comes back fails.
         """
-        from ..lab.run import LAB_FAILED
         tr = self.config.pluginmanager.getplugin("terminalreporter")
         self.results = {}
-        pending = list(self.nodeids)
+        self._run_retrying_the_lab(list(self.nodeids), tr)
+        for _ in range(GUEST_CRASH_RETRIES):
+            modules = sorted({n.split("::")[0] for n, r in self.results.items()
+                              if r["outcome"] == "failed" and GUEST_REBOOTED in r["text"] + r["output"]})
+            if not modules:
+                return
+            again = [n for n in self.nodeids if n.split("::")[0] in modules]
+            note = (f"the guest crashed (rebooted) in the KVM lab during {', '.join(modules)}: "
+                    f"running its {len(again)} tests once more in a fresh lab")
+            if tr is not None:
+                tr.write_sep("!", note)
+            self.guest_crashes.append(note)
+            for n in again:
+                self.results.pop(n, None)
+            self._run_retrying_the_lab(again, tr)
+
+    def _run_retrying_the_lab(self, pending: list[str], tr) -> None:
+        from ..lab.run import LAB_FAILED
         for attempt in range(1 + LAB_RETRIES):
             self._run_once(pending, tr)
             pending = [n for n in pending if n not in self.results]
@@ -220,6 +249,16 @@ def pytest_runtestloop(session):
     lab = getattr(session.config, "_vmmkit_lab", None)
     if lab is not None and not session.config.option.collectonly and lab.results is None:
         lab.run()
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Say again, at the end, which guest tests ran twice because the lab or its guest crashed."""
+    lab = getattr(config, "_vmmkit_lab", None)
+    notes = (lab.lab_failures + lab.guest_crashes) if lab is not None and lab.results is not None else []
+    if notes:
+        terminalreporter.write_sep("!", "KVM lab reruns")
+        for note in notes:
+            terminalreporter.write_line(note)
 
 
 # ----- fixtures for plugin authors -----

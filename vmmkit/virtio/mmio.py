@@ -288,6 +288,12 @@ class VirtioMmioTransport:
         if self.status & C.STATUS_DRIVER_OK:
             self.signal_config()
 
+    def inspect(self) -> dict:
+        """Device status, InterruptStatus and each queue as both sides see it (:meth:`Virtqueue.inspect`)."""
+        with self._lock:
+            return {"status": self.status, "broken": self.broken, "interrupt_status": self.interrupt_status,
+                    "queues": [q.inspect(self.memory) for q in self.queues]}
+
     # ----- snapshots and teardown -----
     def state(self) -> TransportState:
         """The transport's and the device's runtime state."""

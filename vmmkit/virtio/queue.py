@@ -261,6 +261,23 @@ class Virtqueue:
         return self.pending(memory) > 0
 
     # ----- snapshots -----
+    def inspect(self, memory) -> dict:
+        """The queue as each side sees it, for finding out why a device and its driver stopped talking.
+
+        The device's indices, and (once the rings are in guest RAM) the
+        driver's: avail.idx and flags, used.idx, and the two event-index
+        words (``used_event`` the driver wrote, ``avail_event`` the device wrote).
+        """
+        out = {"ready": self.ready, "size": self.size, "event_idx": self.event_idx,
+               "next_avail": self.next_avail, "next_used": self.next_used, "signalled_used": self.signalled_used}
+        if self.ready and memory.is_ram(self.avail_addr, 6 + 2 * self.size) \
+                and memory.is_ram(self.used_addr, 6 + 8 * self.size):
+            out.update(avail_flags=memory.read_u16(self.avail_addr), avail_idx=self.avail_idx(memory),
+                       used_event=memory.read_u16(self.avail_addr + 4 + 2 * self.size),
+                       used_idx=memory.read_u16(self.used_addr + 2),
+                       avail_event=memory.read_u16(self.used_addr + 4 + 8 * self.size))
+        return out
+
     def state(self) -> QueueState:
         """This queue's runtime state."""
         return QueueState(size=self.size, ready=self.ready, desc_addr=self.desc_addr, avail_addr=self.avail_addr,
