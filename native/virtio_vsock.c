@@ -44,6 +44,7 @@ struct vmm_vsock_rx {
     uint32_t too_small;         /* chains too short for a header, answered with length 0 */
     int32_t stop;
     int32_t err_no;
+    uint32_t reads;             /* recvmsg calls */
 };
 
 /* A connection whose RW packets from the guest may go straight to its
@@ -165,11 +166,36 @@ static int vmm_vsock_next(struct vmm_q *q, struct vmm_chain *c, char *err, size_
     return 1;
 }
 
+/* The next-but-k posted chain's head without taking it, or -1 when fewer
+ * than k + 1 are posted; k = 0 re-arms avail_event as vmm_vsock_peek does. */
+static int vmm_vsock_peek_at(struct vmm_q *q, uint32_t k, char *err, size_t errlen)
+{
+    if (k == 0)
+        return vmm_vsock_peek(q, err, errlen);
+    uint32_t pending = 0;
+    if (vmm_q_pending(q, &pending, err, errlen))
+        return -2;
+    if (pending <= k)
+        return -1;
+    return __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * ((q->vq->next_avail + k) % q->size)),
+                           __ATOMIC_RELAXED);
+}
+
+/* Chains one recvmsg fills: a guest's rx buffers are small (Linux posts
+ * 4 KiB ones), and one system call per buffer was what host-to-guest
+ * throughput paid for most. */
+#define VMM_VSOCK_RX_BATCH 16
+
 /* rx: fill the guest's rx buffers from one connection's socket until its
  * credit, the packet budget, the buffers or the socket's bytes run out.
  * Returns -1 when the ring is broken (err says how: NEEDS_RESET), else 1 if
  * the driver wants an interrupt, 0 if not. A chain is only taken once bytes
- * landed in it, so EAGAIN, EOF and errors leave the ring as it was. */
+ * landed in it, so EAGAIN, EOF and errors leave the ring as it was.
+ *
+ * Each round reads into the payload areas of up to VMM_VSOCK_RX_BATCH posted
+ * chains at once (one iovec array, one recvmsg), then gives each chain that
+ * got bytes its header, in ring order; the chains the bytes did not reach
+ * stay posted. */
 static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock_rx *rx, char *err, size_t errlen)
 {
     if (err && errlen)
@@ -178,42 +204,77 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
     rx->packets = rx->too_small = 0;
     rx->stop = VMM_VSOCK_STOP_BUDGET;
     rx->err_no = 0;
+    rx->reads = 0;
     struct vmm_q q;
     if (vmm_vsock_open(&q, mem, vq, err, errlen))
         return -1;
     uint32_t added = 0;
     int bad = 0;
+    struct {
+        uint16_t head;
+        uint32_t iov, niov;     /* its payload iovecs in vmm_vsock_iov / vmm_vsock_reg */
+        uint64_t room;
+    } slot[VMM_VSOCK_RX_BATCH];
     while (rx->packets < rx->max_packets && rx->budget > rx->bytes) {
-        struct vmm_chain c;
-        int got_chain = vmm_vsock_next(&q, &c, err, errlen);
-        if (got_chain <= 0) {
-            bad = got_chain < 0;
+        /* Gather: the payload areas of the next posted chains, within the budgets. */
+        uint32_t n = 0, niov = 0;
+        uint64_t total = 0;
+        while (n < VMM_VSOCK_RX_BATCH && rx->packets + n < rx->max_packets && rx->budget - rx->bytes > total) {
+            struct vmm_chain c;
+            int head = vmm_vsock_peek_at(&q, n, err, errlen);
+            if (head == -1)
+                break;
+            if (head < 0 || vmm_q_walk(&q, (uint16_t)head, vmm_vsock_segs, &c, err, errlen)) {
+                bad = 1;
+                break;
+            }
+            struct vmm_seg *w = vmm_vsock_segs + c.nr;
+            if (c.wlen < VMM_VSOCK_HDR + 1) {
+                if (n)
+                    break;  /* answered in the next round, after the bytes before it */
+                /* As the Python path: a buffer that cannot hold a packet is returned empty. */
+                rx->too_small++;
+                vmm_vsock_used(&q, c.head, 0);
+                added++;
+                continue;
+            }
+            uint32_t space = VMM_IOV_MAX - niov;
+            if (n && c.nw > space)
+                break;  /* a long chain starts the next round */
+            uint64_t room = c.wlen - VMM_VSOCK_HDR;
+            if (room > rx->max_payload)
+                room = rx->max_payload;
+            if (room > rx->budget - rx->bytes - total)
+                room = rx->budget - rx->bytes - total;
+            /* At most VMM_IOV_MAX segments in a round; a longer chain just gets a shorter packet. */
+            uint32_t k = vmm_segs_slice(w, c.nw < space ? c.nw : space, VMM_VSOCK_HDR, room,
+                                        vmm_vsock_iov + niov, vmm_vsock_reg + niov);
+            room = 0;
+            for (uint32_t i = 0; i < k; i++)
+                room += vmm_vsock_iov[niov + i].iov_len;
+            if (!room)
+                break;  /* cannot happen (wlen > HDR, and a first chain has all its segments) */
+            slot[n].head = c.head;
+            slot[n].iov = niov;
+            slot[n].niov = k;
+            slot[n].room = room;
+            niov += k;
+            total += room;
+            n++;
+        }
+        if (bad)
+            break;
+        if (!n) {
+            /* Gathering only stops short of a first chain when none is posted. */
             rx->stop = VMM_VSOCK_STOP_EMPTY;
             break;
         }
-        uint16_t head = c.head;
-        struct vmm_seg *w = vmm_vsock_segs + c.nr;
-        if (c.wlen < VMM_VSOCK_HDR + 1) {
-            /* As the Python path: a buffer that cannot hold a packet is returned empty. */
-            rx->too_small++;
-            vmm_vsock_used(&q, head, 0);
-            added++;
-            continue;
-        }
-        uint64_t room = c.wlen - VMM_VSOCK_HDR;
-        if (room > rx->max_payload)
-            room = rx->max_payload;
-        if (room > rx->budget - rx->bytes)
-            room = rx->budget - rx->bytes;
-        /* At most VMM_IOV_MAX segments in, so at most that many iovecs out; a longer
-         * chain just gets a shorter packet. */
-        uint32_t n = vmm_segs_slice(w, c.nw < VMM_IOV_MAX ? c.nw : VMM_IOV_MAX, VMM_VSOCK_HDR, room,
-                                    vmm_vsock_iov, vmm_vsock_reg);
-        struct msghdr msg = {.msg_iov = vmm_vsock_iov, .msg_iovlen = n};
+        struct msghdr msg = {.msg_iov = vmm_vsock_iov, .msg_iovlen = niov};
         ssize_t got;
         do
             got = recvmsg(rx->fd, &msg, MSG_DONTWAIT);
         while (got < 0 && errno == EINTR);
+        rx->reads++;
         if (got < 0) {
             if (errno == EAGAIN || errno == EWOULDBLOCK) {
                 rx->stop = VMM_VSOCK_STOP_AGAIN;
@@ -227,23 +288,38 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
             rx->stop = VMM_VSOCK_STOP_EOF;
             break;
         }
-        /* Mark what landed, then the header (with this packet's length) in front of it. */
+        /* Hand out what landed, chain by chain in ring order: mark it, then the
+         * header (with that packet's length) in front of it. The chain is walked
+         * again for its header: the guest may have changed its descriptors since,
+         * and the new ones are checked as the first were. */
         uint64_t left = (uint64_t)got;
-        for (uint32_t k = 0; k < n && left; k++) {
-            uint64_t take = vmm_vsock_reg[k].len < left ? vmm_vsock_reg[k].len : left;
-            vmm_mark(mem, vmm_vsock_reg[k].r, vmm_vsock_reg[k].off, take);
-            left -= take;
+        for (uint32_t i = 0; i < n && left; i++) {
+            uint64_t len = slot[i].room < left ? slot[i].room : left;
+            uint64_t mark = len;
+            for (uint32_t j = slot[i].iov; j < slot[i].iov + slot[i].niov && mark; j++) {
+                uint64_t take = vmm_vsock_reg[j].len < mark ? vmm_vsock_reg[j].len : mark;
+                vmm_mark(mem, vmm_vsock_reg[j].r, vmm_vsock_reg[j].off, take);
+                mark -= take;
+            }
+            struct vmm_chain c;
+            if (vmm_q_walk(&q, slot[i].head, vmm_vsock_segs, &c, err, errlen)) {
+                bad = 1;
+                break;
+            }
+            uint8_t hdr[VMM_VSOCK_HDR];
+            memcpy(hdr, rx->hdr, sizeof(hdr));
+            uint32_t len32 = (uint32_t)len;
+            memcpy(hdr + 24, &len32, 4);
+            vmm_segs_write(mem, vmm_vsock_segs + c.nr, c.nw, 0, hdr, sizeof(hdr));
+            vmm_vsock_used(&q, slot[i].head, VMM_VSOCK_HDR + len32);
+            added++;
+            rx->bytes += len;
+            rx->packets++;
+            left -= len;
         }
-        uint8_t hdr[VMM_VSOCK_HDR];
-        memcpy(hdr, rx->hdr, sizeof(hdr));
-        uint32_t len32 = (uint32_t)got;
-        memcpy(hdr + 24, &len32, 4);
-        vmm_segs_write(mem, w, c.nw, 0, hdr, sizeof(hdr));
-        vmm_vsock_used(&q, head, VMM_VSOCK_HDR + len32);
-        added++;
-        rx->bytes += (uint64_t)got;
-        rx->packets++;
-        if ((uint64_t)got < room) {
+        if (bad)
+            break;
+        if ((uint64_t)got < total) {
             /* Most likely drained: let epoll say when there is more, as the Python path does. */
             rx->stop = VMM_VSOCK_STOP_AGAIN;
             break;

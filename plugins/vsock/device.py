@@ -264,8 +264,12 @@ class VirtioVsock(VirtioDevice):
             self._native.forget()
 
     def fail(self, why: str) -> None:
-        """The driver broke the protocol: drop every connection and stop accepting until a reset."""
-        super().fail(why)
+        """The driver broke the protocol: drop every connection and stop accepting until a reset.
+
+        The connections go first, so that once NEEDS_RESET is visible no host
+        stream of this device is left.
+        """
+        self.broken = why  # the event-loop callbacks stop here
         if self._loop is not None:
             for fd in (self._listener, self._timer):
                 try:
@@ -273,6 +277,7 @@ class VirtioVsock(VirtioDevice):
                 except (KeyError, OSError):
                     pass
         self._drop_all()
+        super().fail(why)
 
     def close(self) -> None:
         """Stop, close every socket and remove ``uds_path``."""

@@ -2,7 +2,9 @@
 
 The device (:mod:`.device`) decides, per connection, whether the next packets
 are plain stream data; when they are, one call here moves many of them
-between the rings and the connection's socket, walking the queue in C. The
+between the rings and the connection's socket, walking the queue in C
+(host to guest, one recvmsg fills up to 16 of the guest's small rx buffers,
+each then a packet of its own). The
 Python path (:mod:`.datapath` and the device's per-packet code) remains the
 reference and serves everything else: handshakes, control packets, the end
 of a stream, errors, and whatever C leaves on the ring.
@@ -27,7 +29,7 @@ STOP_SPILL = lib.VMM_VSOCK_STOP_SPILL
 
 
 class RxResult(NamedTuple):
-    """What an rx burst did: bytes and packets given to the guest, how it stopped, errno, interrupt wanted."""
+    """What an rx burst did: bytes and packets given to the guest, how it stopped, errno, interrupt wanted, reads."""
 
     bytes: int
     packets: int
@@ -35,6 +37,7 @@ class RxResult(NamedTuple):
     stop: int
     err_no: int
     interrupt: bool
+    reads: int = 0  # recvmsg calls: one fills several chains
 
 
 class TxConn(NamedTuple):
@@ -136,7 +139,7 @@ class NativeVsockPath:
         store_queue(self._vq, queue)
         if rc < 0:
             raise QueueError(ffi.string(self._err).decode(errors="replace"))
-        return RxResult(rx.bytes, rx.packets, rx.too_small, rx.stop, rx.err_no, bool(rc))
+        return RxResult(rx.bytes, rx.packets, rx.too_small, rx.stop, rx.err_no, bool(rc), rx.reads)
 
     def tx_burst(self, memory, queue, guest_cid: int,
                  conns: Sequence[tuple]) -> Optional[TxResult]:
