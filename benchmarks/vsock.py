@@ -402,8 +402,7 @@ def socat_from_guest(dest: str) -> str:
 
 
 def start_loopback(tmp: str, size: int, socat: str) -> Peer:
-    sockets = os.path.join(tmp, "loop")
-    os.mkdir(sockets)
+    sockets = tempfile.mkdtemp(prefix="loop-", dir=tmp)  # a fresh one per round: the last round's sockets stay
     script = peer_script(socat, lambda port: f"UNIX-LISTEN:{os.path.join(sockets, str(port))}",
                          os.path.join(tmp, "loop-data"), size)
     out = os.path.join(tmp, "loop.out")
