@@ -290,6 +290,14 @@ static int vmm_q_pending(struct vmm_q *q, uint32_t *pending, char *err, size_t e
     return 0;
 }
 
+/* The head of the chain posted k places after the next one the device takes
+ * (the caller knows, from vmm_q_pending, that it is posted). */
+static uint16_t vmm_q_avail_head(const struct vmm_q *q, uint32_t k)
+{
+    return __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * ((q->vq->next_avail + k) % q->size)),
+                           __ATOMIC_RELAXED);
+}
+
 /* Walk the chain at head into segs (room for q->size entries): Virtqueue._walk. */
 static int vmm_q_walk(struct vmm_q *q, uint16_t head, struct vmm_seg *segs, struct vmm_chain *c,
                       char *err, size_t errlen)
@@ -421,6 +429,16 @@ struct vmm_ioreg {
     uint64_t off;
     uint64_t len;
 };
+
+/* Mark the first len bytes of what n iovecs point at (what a read put there). */
+static void vmm_ioreg_mark(const struct vmm_mem *m, const struct vmm_ioreg *reg, uint32_t n, uint64_t len)
+{
+    for (uint32_t k = 0; k < n && len; k++) {
+        uint64_t take = reg[k].len < len ? reg[k].len : len;
+        vmm_mark(m, reg[k].r, reg[k].off, take);
+        len -= take;
+    }
+}
 
 /* One request from pop to answer. A slot owns its iovecs (grown as needed
  * and kept), so requests in flight never share any state. */
@@ -1378,8 +1396,7 @@ static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk
                 io->starved = 1;
                 break;
             }
-            uint16_t head = __atomic_load_n((const uint16_t *)(x.q.avail + 4 + 2ull * (vq->next_avail % size)),
-                                            __ATOMIC_RELAXED);
+            uint16_t head = vmm_q_avail_head(&x.q, 0);
             vq->next_avail++;
             struct vmm_chain c;
             if (vmm_q_walk(&x.q, head, x.segs, &c, err, errlen) || vmm_blk_parse(&x, &c, err, errlen)) {
@@ -1437,13 +1454,7 @@ static int vmm_blk_complete(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_b
         if (!bad) {
             if (rq->op == VMM_OP_READ) {
                 /* Mark what landed, even on a short or failed read: it is in guest memory now. */
-                uint64_t left = rq->done;
-                for (uint32_t k = 0; k < rq->iovcnt && left; k++) {
-                    struct vmm_ioreg *g = &rq->ioreg[k];
-                    uint64_t take = g->len < left ? g->len : left;
-                    vmm_mark(mem, g->r, g->off, take);
-                    left -= take;
-                }
+                vmm_ioreg_mark(mem, rq->ioreg, rq->iovcnt, rq->done);
             }
             if (rq->op == VMM_OP_FLUSH && rq->res == 0 && io->kind == VMM_IO_URING && rq->gen != io->late_writes) {
                 /* A write before this FLUSH was finished synchronously after

@@ -99,7 +99,7 @@ static int vmm_vsock_peek(struct vmm_q *q, char *err, size_t errlen)
         if (!pending)
             return -1;
     }
-    return __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * (q->vq->next_avail % q->size)), __ATOMIC_RELAXED);
+    return vmm_q_avail_head(q, 0);
 }
 
 /* Put one used entry (not yet published: see vmm_vsock_publish). */
@@ -177,8 +177,7 @@ static int vmm_vsock_peek_at(struct vmm_q *q, uint32_t k, char *err, size_t errl
         return -2;
     if (pending <= k)
         return -1;
-    return __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * ((q->vq->next_avail + k) % q->size)),
-                           __ATOMIC_RELAXED);
+    return vmm_q_avail_head(q, k);
 }
 
 /* Chains one recvmsg fills: a guest's rx buffers are small (Linux posts
@@ -295,12 +294,7 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
         uint64_t left = (uint64_t)got;
         for (uint32_t i = 0; i < n && left; i++) {
             uint64_t len = slot[i].room < left ? slot[i].room : left;
-            uint64_t mark = len;
-            for (uint32_t j = slot[i].iov; j < slot[i].iov + slot[i].niov && mark; j++) {
-                uint64_t take = vmm_vsock_reg[j].len < mark ? vmm_vsock_reg[j].len : mark;
-                vmm_mark(mem, vmm_vsock_reg[j].r, vmm_vsock_reg[j].off, take);
-                mark -= take;
-            }
+            vmm_ioreg_mark(mem, vmm_vsock_reg + slot[i].iov, slot[i].niov, len);
             struct vmm_chain c;
             if (vmm_q_walk(&q, slot[i].head, vmm_vsock_segs, &c, err, errlen)) {
                 bad = 1;

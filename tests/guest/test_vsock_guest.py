@@ -78,17 +78,21 @@ class Vm:
         from vmmkit.api.client import ApiClient
         return ApiClient(str(self.directory / "api.sock"), timeout=60)
 
+    def paused_inspection(self) -> dict:
+        """GET /vm/inspect: the VM is paused for it and resumed after."""
+        api = self.api()
+        api.call("PUT", "/vm/pause")
+        try:
+            return api.call("GET", "/vm/inspect")
+        finally:
+            api.call("PUT", "/vm/resume")
+
     def inspect(self) -> str:
-        """The paused VM's vCPUs and queues (GET /vm/inspect), resumed after: where a silent guest is stuck."""
+        """The VM's vCPUs and queues as text, for a failure message: where a silent guest is stuck."""
         if self.proc.poll() is not None:
             return "(vmmkit has ended)"
         try:
-            api = self.api()
-            api.call("PUT", "/vm/pause")
-            try:
-                return json.dumps(api.call("GET", "/vm/inspect"))
-            finally:
-                api.call("PUT", "/vm/resume")
+            return json.dumps(self.paused_inspection())
         except Exception as exc:  # a diagnosis must not hide the failure it explains
             return f"(inspecting failed: {type(exc).__name__}: {exc})"
 
@@ -237,12 +241,7 @@ def test_64_connections_at_once_each_with_its_own_data(vm):
 
 
 def test_inspecting_the_paused_guest_shows_its_vcpu_and_queues(vm):
-    api = vm.api()
-    api.call("PUT", "/vm/pause")
-    try:
-        seen = api.call("GET", "/vm/inspect")
-    finally:
-        api.call("PUT", "/vm/resume")
+    seen = vm.paused_inspection()
     cpu, = seen["vcpus"]
     assert cpu["cr0"] & (1 << 31) and cpu["efer"] & (1 << 10), cpu  # paging on, long mode active
     assert cpu["rip"] >= 1 << 47 or cpu["cs"] & 3 == 3, cpu  # the kernel's half, or user mode
@@ -255,7 +254,7 @@ def test_inspecting_the_paused_guest_shows_its_vcpu_and_queues(vm):
     rx = dev["queues"][0]
     assert (rx["avail_idx"] - rx["next_avail"]) & 0xFFFF > 0, rx  # an idle guest keeps rx buffers posted
     with pytest.raises(Exception, match="only a paused VM"):
-        api.call("GET", "/vm/inspect")
+        vm.api().call("GET", "/vm/inspect")
     # ... and the guest goes on.
     s = vm.connect(ECHO)
     s.sendall(b"after inspect\n")
