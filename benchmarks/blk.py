@@ -42,6 +42,8 @@ from vmmkit.guest.cpio import read_cpio
 from vmmkit.hostkvm import in_lab, kvm_status
 from vmmkit.testing.qemu import disk_aio, disk_args, run_qemu_exec
 
+import kvmstats
+
 GOAL = "goal: >= 1.2x QEMU on every row, >= 0.8x the lab on sequential rows"
 # (fio job name, label, fio options, metric): metric is "MB/s" or "IOPS".
 JOBS = (
@@ -57,24 +59,48 @@ GUEST_DISK = "/dev/vda"
 MiB = 1 << 20
 
 
-def fio_args(filename: str, runtime: int) -> list[str]:
-    """fio's arguments for the four jobs, run one after the other (stonewall) on *filename*."""
-    args = ["--minimal", "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--runtime={runtime}",
-            "--time_based=1", "--norandommap=1", "--randrepeat=0", f"--filename={filename}"]
-    for i, (name, _label, opts, _metric) in enumerate(JOBS):
+def fio_args(filename: str, runtime: int, jobs=JOBS) -> list[str]:
+    """fio's arguments for *jobs* on *filename*, run one after the other (stonewall)."""
+    args = common_fio_args(filename, runtime)
+    for i, (name, _label, opts, _metric) in enumerate(jobs):
         args += [f"--name={name}"] + (["--stonewall"] if i else []) + opts.split()
     return args
 
 
+def common_fio_args(filename: str, runtime: int) -> list[str]:
+    return ["--minimal", "--direct=1", "--ioengine=libaio", "--iodepth=32", f"--runtime={runtime}",
+            "--time_based=1", "--norandommap=1", "--randrepeat=0", f"--filename={filename}"]
+
+
 def guest_command(runtime: int) -> str:
-    """The guest's shell command: wait for the disk, run fio, print only the fields we use.
+    """The guest's shell command: wait for the disk, run each fio job, print only the fields we use.
 
     The console is slow (in the lab especially), so the guest cuts fio's
-    ~700-byte lines down to the six fields first.
+    ~700-byte lines down to the six fields first. Around each job it prints
+    a ``@@kvm`` mark with the disk's I/O counters (:mod:`kvmstats`), so the
+    host can read KVM's counters for exactly that job and count its requests.
     """
     fields = ",".join(map(str, TERSE_FIELDS))
+    common = " ".join(common_fio_args(GUEST_DISK, runtime))
+    jobs = "; ".join(f"m {name}-start; j --name={name} {opts}; m {name}-end" for name, _l, opts, _m in JOBS)
     return (f"i=0; while [ ! -b {GUEST_DISK} ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; "
-            f"set -o pipefail; fio {' '.join(fio_args(GUEST_DISK, runtime))} | cut -d';' -f{fields}")
+            f"set -eo pipefail; m() {{ echo \"{kvmstats.MARK.decode()}$1 $(cat /sys/block/vda/stat)\"; }}; "
+            f"j() {{ fio {common} \"$@\" | cut -d';' -f{fields}; }}; {jobs}")
+
+
+def job_counters(watcher: kvmstats.MarkWatcher) -> dict[str, dict[str, float]]:
+    """Per job, KVM's counters per request (requests: reads and writes the guest's disk completed)."""
+    out = {}
+    for name, *_ in JOBS:
+        try:
+            (before, sb), (after, sa) = watcher.marks[f"{name}-start"], watcher.marks[f"{name}-end"]
+        except KeyError:
+            continue
+        b, a = [int(x) for x in sb.split()], [int(x) for x in sa.split()]
+        requests = (a[0] - b[0]) + (a[4] - b[4])
+        d = kvmstats.delta(after, before)
+        out[name] = {"requests": requests, **{k: v / max(requests, 1) for k, v in d.items()}}
+    return out
 
 
 def parse(text: str, *, cut: bool) -> dict[str, float]:
@@ -153,17 +179,33 @@ def host_fio(tmp: str) -> tuple[list[str], str | None]:
     return fio_from_guest(root), root
 
 
-def run_vmmkit(config: str, command: str, timeout: float) -> str:
-    proc = subprocess.run([sys.executable, "-m", "vmmkit", "run", config, "--exec", command],
-                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"vmmkit exited with {proc.returncode}:\n{proc.stdout.decode(errors='replace')[-2000:]}\n"
-                           f"{proc.stderr.decode(errors='replace')[-3000:]}")
-    return proc.stdout.decode(errors="replace")
+def run_vmmkit(config: str, command: str, timeout: float, watcher: kvmstats.MarkWatcher) -> str:
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen([sys.executable, "-m", "vmmkit", "run", config, "--exec", command],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        watcher.pid = proc.pid
+        out = bytearray()
+        deadline = time.monotonic() + timeout
+        try:
+            while chunk := os.read(proc.stdout.fileno(), 65536):
+                out += chunk
+                watcher.write(chunk)
+                if time.monotonic() > deadline:
+                    raise subprocess.TimeoutExpired(proc.args, timeout)
+            proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        err.seek(0)
+        if proc.returncode != 0:
+            raise RuntimeError(f"vmmkit exited with {proc.returncode}:\n{out.decode(errors='replace')[-2000:]}\n"
+                               f"{err.read().decode(errors='replace')[-3000:]}")
+    return out.decode(errors="replace")
 
 
-def run_qemu(image: str, aio: str, command: str, timeout: float) -> str:
-    result = run_qemu_exec(command, vcpus=1, memory="512M", timeout=timeout,
+def run_qemu(image: str, aio: str, command: str, timeout: float, watcher: kvmstats.MarkWatcher) -> str:
+    result = run_qemu_exec(command, vcpus=1, memory="512M", timeout=timeout, tee=watcher,
                            extra_args=disk_args(image, cache="none", aio=aio))
     if result.status != 0:
         raise RuntimeError(f"QEMU: the guest command ended with {result.status} (QEMU status "
@@ -197,13 +239,19 @@ def benchmark(opts) -> int:
         command = guest_command(opts.runtime)
         timeout = 600 + 20 * opts.runtime * len(JOBS)
         results: dict[str, list[dict[str, float]]] = {"vmmkit": [], "qemu": []}
-        runners = {"vmmkit": lambda: run_vmmkit(config, command, timeout),
-                   "qemu": lambda: run_qemu(image, aio, command, timeout)}
+        counters: dict[str, list[dict[str, dict[str, float]]]] = {"vmmkit": [], "qemu": []}
+        why_not = kvmstats.available()
+        if why_not:
+            log(f"no KVM counters in this run: {why_not}")
+        runners = {"vmmkit": lambda w: run_vmmkit(config, command, timeout, w),
+                   "qemu": lambda w: run_qemu(image, aio, command, timeout, w)}
         for i in range(opts.rounds):
             order = ["vmmkit", "qemu"] if i % 2 == 0 else ["qemu", "vmmkit"]
             for name in order:
                 t0 = time.monotonic()
-                results[name].append(parse(runners[name](), cut=True))
+                watcher = kvmstats.MarkWatcher(reader=None if why_not else kvmstats.read)
+                results[name].append(parse(runners[name](watcher), cut=True))
+                counters[name].append(job_counters(watcher))
                 log(f"round {i + 1} {name}: {describe(results[name][-1])} ({time.monotonic() - t0:.0f}s)")
         fio = unpacked_fio(opts.fio_root) if opts.fio_root else host_fio(tmp)[0]
         proc = subprocess.run(fio + fio_args(image, opts.runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -226,7 +274,25 @@ def benchmark(opts) -> int:
         q, v, lim = med("qemu", name), med("vmmkit", name), limit[name]
         print(f"{f'{label} ({metric})':<22}{q:>10.0f}{v:>10.0f}{v / q:>12.2f}x{lim:>10.0f}{v / lim:>12.2f}x")
     print(GOAL)
+    if not why_not:
+        print_counters(counters)
     return 0
+
+
+def print_counters(counters: dict[str, list[dict[str, dict[str, float]]]]) -> None:
+    """KVM's counters per guest request, medians over the rounds (:mod:`kvmstats`): what each VMM costs the guest."""
+    short = {"exits": "exits", "mmio_exits": "mmio", "io_exits": "pio", "irq_injections": "irqs",
+             "halt_exits": "halts", "halt_wakeup": "wakeups", "halt_successful_poll": "polled",
+             "irq_window_exits": "irqwin"}
+    print("\nKVM counters per request (medians over rounds; requests the guest's disk completed)")
+    print(f"{'job':<12}{'VMM':<8}{'requests':>9}" + "".join(f"{short[k]:>9}" for k in kvmstats.FIELDS))
+    for name, *_ in JOBS:
+        for vmm in ("qemu", "vmmkit"):
+            runs = [r[name] for r in counters[vmm] if name in r]
+            if not runs:
+                continue
+            row = {k: statistics.median(r[k] for r in runs) for k in ("requests", *kvmstats.FIELDS)}
+            print(f"{name:<12}{vmm:<8}{row['requests']:>9.0f}" + "".join(f"{row[k]:>9.2f}" for k in kvmstats.FIELDS))
 
 
 def log(msg: str) -> None:

@@ -61,6 +61,8 @@ from vmmkit.guest.execcmd import exec_stream
 from vmmkit.hostkvm import in_lab, kvm_status
 from vmmkit.testing.qemu import qemu_command
 
+import kvmstats
+
 MiB = 1 << 20
 GUEST_CID = 3
 # Peer ports: echo (stays up), sink (host to guest), hash of the received file, source (guest to host),
@@ -71,6 +73,8 @@ WARMUP = 50
 RTT_BLOCKS = 10       # the round trips go in this many blocks, rotating among the peers
 BLOCK = 131072        # socat -b: the peers' read/write size
 CHUNK = MiB           # the host's send and receive size
+#: Why KVM's per-VM counters cannot be read in this run (None: they can), set by `benchmark`.
+COUNTERS_UNAVAILABLE: str | None = "not checked yet"
 STALL = 300.0         # seconds without progress that count as a hang (the lab is slow)
 BOOT_DEADLINE = 600.0  # seconds for a guest to boot and start listening
 VHOST_DEV = "/dev/vhost-vsock"
@@ -117,10 +121,25 @@ def guest_script(size: int) -> str:
 class Peer:
     """One side to measure against: how to connect to a port, and the process that serves it."""
 
-    def __init__(self, name: str, proc: subprocess.Popen, connect_once, describe_failure):
+    def __init__(self, name: str, proc: subprocess.Popen, connect_once, describe_failure, *, vm: bool = True):
         self.name, self.proc = name, proc
         self._connect_once = connect_once
         self.describe_failure = describe_failure
+        #: Whether *proc* runs a KVM VM (whose counters :meth:`counters` reads).
+        self.vm = vm
+        #: KVM's counters per phase: {phase: summed deltas} (see `kvmstats`).
+        self.kvm: dict[str, kvmstats.Counters] = {}
+
+    def counted(self, phase: str, fn, *args):
+        """*fn(*args)*, adding the KVM counters of this peer's VM over the call to *phase* (when they can be read)."""
+        if not self.vm or COUNTERS_UNAVAILABLE:
+            return fn(*args)
+        before = kvmstats.read(self.proc.pid)
+        result = fn(*args)
+        d = kvmstats.delta(kvmstats.read(self.proc.pid), before)
+        old = self.kvm.get(phase)
+        self.kvm[phase] = d if old is None else {k: old[k] + d[k] for k in d}
+        return result
 
     def connect(self, port: int, deadline: float = 120.0) -> socket.socket:
         """A connected stream to *port*, retrying while its listener is not up yet."""
@@ -299,9 +318,9 @@ def measure(peers: list[Peer], payload: bytes, digest: str, count: int) -> dict[
     """
     out: dict[str, dict[str, float]] = {p.name: {} for p in peers}
     for p in peers:
-        out[p.name]["h2g"] = host_to_guest(p, payload, digest)
+        out[p.name]["h2g"] = p.counted("h2g", host_to_guest, p, payload, digest)
     for p in peers:
-        out[p.name]["g2h"] = guest_to_host(p, payload, digest)
+        out[p.name]["g2h"] = p.counted("g2h", guest_to_host, p, payload, digest)
     echoes = {}
     for p in peers:
         echoes[p.name] = p.connect(ECHO)
@@ -313,9 +332,10 @@ def measure(peers: list[Peer], payload: bytes, digest: str, count: int) -> dict[
     while done < count:
         n = min(block, count - done)
         for p in peers[b % len(peers):] + peers[:b % len(peers)]:
-            samples[p.name] += round_trips(p, echoes[p.name], WARMUP + done, n)
+            samples[p.name] += p.counted("rtt", round_trips, p, echoes[p.name], WARMUP + done, n)
         done, b = done + n, b + 1
     for p in peers:
+        out[p.name]["kvm"] = p.kvm
         echoes[p.name].close()
         got = sorted(samples[p.name])
         out[p.name]["rtt_median"] = statistics.median(got)
@@ -408,13 +428,17 @@ def start_loopback(tmp: str, size: int, socat: str) -> Peer:
     out = os.path.join(tmp, "loop.out")
     with open(out, "wb") as o:
         proc = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=o, stderr=subprocess.STDOUT)
-    return Peer("loopback", proc, unix_connect(sockets), lambda: f"--- loopback peer ---\n{tail(out)}")
+    return Peer("loopback", proc, unix_connect(sockets), lambda: f"--- loopback peer ---\n{tail(out)}", vm=False)
 
 
 def benchmark(opts) -> int:
     files = build.show()
     if not files.built or "socat" not in files.extras:
         raise SystemExit("the default guest needs socat: vmmkit guest build --with socat")
+    global COUNTERS_UNAVAILABLE
+    COUNTERS_UNAVAILABLE = kvmstats.available()
+    if COUNTERS_UNAVAILABLE:
+        log(f"no KVM counters in this run: {COUNTERS_UNAVAILABLE}")
     size = opts.mib * MiB
     # The peer keeps the data in its tmpfs /tmp, which may take half of RAM.
     memory_mib = max(1024, 2 * opts.mib + 512)
@@ -471,7 +495,25 @@ def benchmark(opts) -> int:
         q, v, lim = med("qemu", key), med("vmmkit", key), med("loopback", key)
         print(f"{label:<24}{q:>10.1f}{v:>10.1f}{v / q:>12.2f}x{lim:>10.1f}{v / lim:>16.2f}x")
     print(GOAL)
+    if not COUNTERS_UNAVAILABLE:
+        print_counters(results, opts.mib, opts.count)
     return 0
+
+
+def print_counters(results: dict[str, list[dict]], mib: int, count: int) -> None:
+    """KVM's counters per MiB moved and per round trip, medians over rounds: what each VMM costs the guest."""
+    per = {"h2g": (mib, "MiB"), "g2h": (mib, "MiB"), "rtt": (count, "round trip")}
+    short = {"exits": "exits", "mmio_exits": "mmio", "io_exits": "pio", "irq_injections": "irqs",
+             "halt_exits": "halts", "halt_wakeup": "wakeups", "halt_successful_poll": "polled",
+             "irq_window_exits": "irqwin"}
+    print("\nKVM counters of each guest (medians over rounds)")
+    print(f"{'phase':<20}{'VMM':<8}" + "".join(f"{short[k]:>9}" for k in kvmstats.FIELDS))
+    for phase, (n, unit) in per.items():
+        for vmm in ("qemu", "vmmkit"):
+            runs = [r["kvm"][phase] for r in results[vmm] if phase in r.get("kvm", {})]
+            if runs:
+                print(f"{f'{phase} per {unit}':<20}{vmm:<8}"
+                      + "".join(f"{statistics.median(r[k] for r in runs) / n:>9.1f}" for k in kvmstats.FIELDS))
 
 
 def log(msg: str) -> None:

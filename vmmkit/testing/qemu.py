@@ -71,13 +71,19 @@ def qemu_command(command: str, *, vcpus: int = 1, memory: str = "512M", kernel: 
             "-append", cmdline, *extra_args]
 
 
-def run_qemu_exec(command: str, *, timeout: float = 300, **kw) -> ExecResult:
-    """Boot the default guest under QEMU microvm with KVM, run *command*, return its result."""
+def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> ExecResult:
+    """Boot the default guest under QEMU microvm with KVM, run *command*, return its result.
+
+    *tee*, when given, also gets the command's output as it arrives (its
+    ``write``); its ``pid`` attribute is set to QEMU's process id first.
+    """
     args = qemu_command(command, **kw)
     out = io.BytesIO()
-    stream = exec_stream(out)
+    stream = exec_stream(out if tee is None else _Tee(out, tee))
     started = time.monotonic()
     proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if tee is not None:
+        tee.pid = proc.pid
     try:
         deadline = started + timeout
         while True:
@@ -95,3 +101,20 @@ def run_qemu_exec(command: str, *, timeout: float = 300, **kw) -> ExecResult:
             proc.wait()
     stream.close()
     return ExecResult(stream.status, out.getvalue(), bytes(stream.log), time.monotonic() - started, proc.returncode)
+
+
+class _Tee:
+    """Writes to two sinks."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def write(self, data: bytes) -> int:
+        self.first.write(data)
+        self.second.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        for sink in (self.first, self.second):
+            if hasattr(sink, "flush"):
+                sink.flush()

@@ -1,0 +1,92 @@
+"""KVM's own per-VM counters, read at moments the guest marks: what each VMM costs the guest per request.
+
+In an emulated lab the guest's CPU is the bottleneck, so what a VMM makes the
+guest pay (exits, injected interrupts, halts and wake-ups) decides its speed
+more than its own copying does. KVM counts these per VM, for any VMM, in
+debugfs (``/sys/kernel/debug/kvm/<pid>-<fd>/``). A guest command prints
+``@@kvm <label>`` lines; :class:`MarkWatcher` reads the counters of the VM
+when each such line arrives, so a benchmark can give both VMMs' counts for
+the same stretch of guest work (one fio job, one transfer).
+
+Reading them needs root and debugfs (mounted here when it is not yet).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+from typing import Callable, Dict, Optional
+
+DEBUGFS = "/sys/kernel/debug"
+#: The counters we report, in table order.
+FIELDS = ("exits", "mmio_exits", "io_exits", "irq_injections", "halt_exits", "halt_wakeup",
+          "halt_successful_poll", "irq_window_exits")
+#: The line prefix a guest prints to have the counters read (then a label, then anything).
+MARK = b"@@kvm "
+
+Counters = Dict[str, int]
+
+
+def available() -> Optional[str]:
+    """None when per-VM counters can be read here (mounting debugfs if needed), else why not."""
+    if not os.path.isdir(os.path.join(DEBUGFS, "kvm")):
+        proc = subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], capture_output=True, text=True)
+        if proc.returncode != 0 and not os.path.isdir(os.path.join(DEBUGFS, "kvm")):
+            return f"cannot mount debugfs at {DEBUGFS}: {proc.stderr.strip() or proc.returncode}"
+    if not os.path.isdir(os.path.join(DEBUGFS, "kvm")):
+        return f"{DEBUGFS}/kvm is missing (is the kvm module loaded?)"
+    return None
+
+
+def read(pid: int) -> Counters:
+    """The counters of process *pid*'s VMs (summed over them; a VMM has one)."""
+    dirs = glob.glob(os.path.join(DEBUGFS, "kvm", f"{pid}-*"))
+    if not dirs:
+        raise RuntimeError(f"no KVM VM of process {pid} in {DEBUGFS}/kvm")
+    out = dict.fromkeys(FIELDS, 0)
+    for d in dirs:
+        for name in FIELDS:
+            try:
+                with open(os.path.join(d, name)) as f:
+                    out[name] += int(f.read())
+            except FileNotFoundError:  # an older kernel without this counter
+                pass
+    return out
+
+
+def delta(after: Counters, before: Counters) -> Counters:
+    return {k: after[k] - before[k] for k in FIELDS}
+
+
+class MarkWatcher:
+    """A file-like sink for a guest command's output that reads the VM's counters at each ``@@kvm`` line.
+
+    *pid* is the VMM's process id (set later through :attr:`pid` when it is
+    not known at creation). Everything is forwarded to *out*; :attr:`marks`
+    maps each label to ``(counters, rest of the line)``. With *reader* None
+    the marks are passed over (counters cannot be read here).
+    """
+
+    def __init__(self, out=None, pid: Optional[int] = None,
+                 reader: Optional[Callable[[int], Counters]] = read) -> None:
+        self.out = out
+        self.pid = pid
+        self.marks: Dict[str, tuple] = {}
+        self._reader = reader
+        self._line = b""
+
+    def write(self, data: bytes) -> int:
+        if self.out is not None:
+            self.out.write(data)
+        self._line += data
+        *lines, self._line = self._line.split(b"\n")
+        for line in lines:
+            line = line.rstrip(b"\r")
+            if line.startswith(MARK) and self.pid is not None and self._reader is not None:
+                label, _, rest = line[len(MARK):].decode(errors="replace").partition(" ")
+                self.marks[label] = (self._reader(self.pid), rest)
+        return len(data)
+
+    def flush(self) -> None:
+        pass

@@ -1,0 +1,78 @@
+"""The benchmarks' reading of KVM's per-VM counters at the guest's marks (benchmarks/kvmstats.py)."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "benchmarks"))
+
+import blk  # noqa: E402
+import kvmstats  # noqa: E402
+
+
+class FakeCounters:
+    """A reader that hands out growing counters and remembers which pid it was asked for."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, pid):
+        self.calls.append(pid)
+        n = len(self.calls)
+        return {k: n * 100 + i for i, k in enumerate(kvmstats.FIELDS)}
+
+
+def test_marks_are_read_when_their_line_is_complete_and_forwarded():
+    reader, sink = FakeCounters(), []
+
+    class Sink:
+        def write(self, data):
+            sink.append(data)
+
+    w = kvmstats.MarkWatcher(Sink(), pid=42, reader=reader)
+    w.write(b"fio output\n@@kvm seq")
+    assert reader.calls == []  # the line is not complete yet
+    w.write(b"read-start 1 2 3\r\n@@kvm x-end\nplain @@kvm not-a-mark\n")
+    assert reader.calls == [42, 42]
+    assert set(w.marks) == {"seqread-start", "x-end"}
+    assert w.marks["seqread-start"][1] == "1 2 3"
+    assert b"".join(sink) == b"fio output\n@@kvm seqread-start 1 2 3\r\n@@kvm x-end\nplain @@kvm not-a-mark\n"
+
+
+def test_no_reader_or_no_pid_passes_marks_over():
+    w = kvmstats.MarkWatcher(reader=None, pid=1)
+    w.write(b"@@kvm a-start\n")
+    assert w.marks == {}
+    reader = FakeCounters()
+    w = kvmstats.MarkWatcher(reader=reader)
+    w.write(b"@@kvm a-start\n")
+    assert w.marks == {} and reader.calls == []
+
+
+def test_job_counters_divide_the_deltas_by_the_disks_requests():
+    before = dict.fromkeys(kvmstats.FIELDS, 1000)
+    after = {k: 1000 + 300 * (i + 1) for i, k in enumerate(kvmstats.FIELDS)}
+    w = kvmstats.MarkWatcher(reader=None)
+    # /sys/block/vda/stat: reads completed is field 1, writes completed field 5.
+    w.marks["randwrite-start"] = (before, "10 0 80 5 200 0 1600 9 0 4 4")
+    w.marks["randwrite-end"] = (after, "10 0 80 5 500 0 4000 30 0 9 9")
+    got = blk.job_counters(w)
+    assert list(got) == ["randwrite"]  # jobs without both marks are left out
+    assert got["randwrite"]["requests"] == 300
+    assert got["randwrite"]["exits"] == pytest.approx(1.0)
+    assert got["randwrite"]["mmio_exits"] == pytest.approx(2.0)
+
+
+def test_the_guest_command_marks_every_job_and_fits_the_kernel_command_line():
+    from vmmkit.guest.execcmd import exec_param
+    cmd = blk.guest_command(8)
+    for name, *_ in blk.JOBS:
+        assert f"m {name}-start; j --name={name} " in cmd and f"m {name}-end" in cmd
+    exec_param(cmd)  # raises when too long
+
+
+def test_delta_subtracts_every_field():
+    a = {k: 10 for k in kvmstats.FIELDS}
+    b = {k: 3 for k in kvmstats.FIELDS}
+    assert kvmstats.delta(a, b) == {k: 7 for k in kvmstats.FIELDS}
