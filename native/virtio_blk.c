@@ -36,6 +36,7 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/falloc.h>
 #ifdef VMM_HAVE_URING
@@ -455,6 +456,7 @@ struct vmm_req {
     uint32_t iovcnt, iov_cap;
     int32_t res;                /* 0, or -errno of a host I/O error */
     uint32_t gen;               /* a FLUSH on io_uring: io->late_writes when it was submitted */
+    uint64_t t_start;           /* CLOCK_MONOTONIC ns when it was taken off the ring */
     uint16_t head;
     uint8_t op, status, state;
 };
@@ -645,6 +647,8 @@ struct vmm_blk_io {
     int starved;                /* the last submit left chains posted for want of a free slot */
     uint32_t lazy_min;          /* don't ask for kicks while this many requests are in flight (0: always ask) */
     int armed;                  /* the last submit asked for a kick (avail_event) and found nothing more */
+    uint64_t now;               /* CLOCK_MONOTONIC ns of the current submit or complete call */
+    uint64_t latency_ns;        /* moving average of request latency, ring to used entry (0: none yet) */
     struct vmm_seg *segs;       /* scratch for walking a chain */
     uint32_t segs_cap;
     /* thread pool */
@@ -1106,6 +1110,14 @@ static void vmm_blk_io_free(struct vmm_blk_io *io)
 
 /* ----- virtio-blk ----- */
 
+/* CLOCK_MONOTONIC in nanoseconds (the vDSO: no system call). */
+static uint64_t vmm_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 struct vmm_ctx {
     struct vmm_q q;
     struct vmm_blk *blk;
@@ -1239,6 +1251,7 @@ static int vmm_blk_parse(struct vmm_ctx *x, const struct vmm_chain *c, char *err
     rq->ioreg = ioreg;
     rq->iov_cap = iov_cap;
     rq->state = VMM_SLOT_TAKEN;
+    rq->t_start = io->now;
     rq->head = c->head;
     rq->op = VMM_OP_DONE;
     rq->status = VMM_BLK_S_IOERR;
@@ -1362,6 +1375,7 @@ static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk
     x.segs = io->segs;
     io->starved = 0;
     io->armed = 0;
+    io->now = vmm_now_ns();
     int rc = 0;
     while (!rc && !io->starved) {
         uint32_t pending;
@@ -1448,9 +1462,15 @@ static int vmm_blk_complete(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_b
 
     struct vmm_q q;
     int bad = vmm_q_setup(&q, mem, vq, err, errlen);
+    io->now = vmm_now_ns();
     for (uint32_t i = 0; i < n; i++) {
         uint32_t slot = io->take[i];
         struct vmm_req *rq = &io->slots[slot];
+        /* An average over about the last 8 requests: what the serving loop
+         * may delay an interrupt by is a small fraction of it. */
+        int64_t lat = (int64_t)(io->now - rq->t_start);
+        io->latency_ns = io->latency_ns ? (uint64_t)((int64_t)io->latency_ns + (lat - (int64_t)io->latency_ns) / 8)
+                                        : (uint64_t)lat;
         if (!bad) {
             if (rq->op == VMM_OP_READ) {
                 /* Mark what landed, even on a short or failed read: it is in guest memory now. */

@@ -32,11 +32,21 @@ struct vmm_serve {
     int irq_fd;                 /* the device's irqfd */
     uint32_t *table_gen;        /* GuestMemory's region-table generation */
     uint32_t mem_gen;           /* the generation the C view was built from */
-    /* out */
     uint32_t lazy_min;          /* no kicks asked for while this many requests are in flight (0: always) */
+    /* Interrupt coalescing (blk): while at least coalesce_min (0: never)
+     * requests are in flight, an interrupt the driver wants may wait for more
+     * completions, up to the average request latency >> coalesce_shift,
+     * capped at coalesce_max_ns; a wait shorter than coalesce_floor_ns is not
+     * worth a timer, and the interrupt goes at once. */
+    uint32_t coalesce_min;
+    uint32_t coalesce_shift;
+    uint64_t coalesce_floor_ns;
+    uint64_t coalesce_max_ns;
+    /* out */
     int32_t stop;               /* VMM_SERVE_STOP_* */
     uint64_t wakeups;
     uint64_t interrupts;
+    uint64_t coalesced;         /* interrupts that waited and took more completions with them */
 };
 
 #define VMM_SERVE_STOP_CONTROL 0    /* kill or pause: Python's turn */
@@ -46,42 +56,58 @@ struct vmm_serve {
 /* One round of work on virtio-blk's queue: take what is posted, answer what
  * finished, and again while chains wait for the slots just freed, or while
  * nothing is in flight any more but no kick was asked for (a chain posted
- * meanwhile would wait for ever). One interrupt for the round, if the driver
- * wants one. 0, or -1 when the driver broke the ring. */
+ * meanwhile would wait for ever). *irq is set if the driver wants an
+ * interrupt for what the round answered. 0, or -1 when the driver broke the
+ * ring. */
 static int vmm_blk_round(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
-                         struct vmm_serve *s, char *err, size_t errlen)
+                         int *irq, char *err, size_t errlen)
 {
     char scratch[8];
-    int irq = 0, rc = 0;
     for (;;) {
         if (vmm_blk_submit(mem, vq, blk, io, err, errlen) < 0) {
             /* The chains taken before the bad one are answered first. */
             int done = vmm_blk_complete(mem, vq, blk, io, scratch, sizeof(scratch));
-            irq |= done > 0 && (done & 1);
-            rc = -1;
-            break;
+            *irq |= done > 0 && (done & 1);
+            return -1;
         }
         int done = vmm_blk_complete(mem, vq, blk, io, err, errlen);
-        if (done < 0) {
-            rc = -1;
-            break;
-        }
-        irq |= done & 1;
+        if (done < 0)
+            return -1;
+        *irq |= done & 1;
         if (done & 2)
             continue;
         if (io->armed || vmm_blk_inflight(io))
-            break;
+            return 0;
     }
-    if (irq) {
-        vmm_irq_used(s->isr, s->irq_fd);
-        s->interrupts++;
-    }
-    return rc;
+}
+
+/* Whether the driver still wants an interrupt for the used entries after
+ * index *from*: with VIRTIO_RING_F_EVENT_IDX it may have found them by itself
+ * while the interrupt waited, and moved used_event past them. */
+static int vmm_irq_still_wanted(struct vmm_mem *mem, struct vmm_vq *vq, uint16_t from)
+{
+    char scratch[8];
+    struct vmm_q q;
+    if (!vq->event_idx || vmm_q_setup(&q, mem, vq, scratch, sizeof(scratch)))
+        return 1;
+    uint16_t new_idx = vq->next_used;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t used_event = __atomic_load_n((const uint16_t *)(q.avail + 4 + 2ull * q.size), __ATOMIC_RELAXED);
+    return (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - from);
 }
 
 /* Serve virtio-blk's queue until Python is needed. Returns 0 (s->stop says
  * why) or -1 when the driver broke the ring: err says how; the chains taken
- * before the bad one are answered. */
+ * before the bad one are answered.
+ *
+ * Interrupts: every one costs the guest several exits (the injection, its
+ * InterruptStatus read and ACK, its EOI), which is most of what a request
+ * costs a guest whose CPU is the bottleneck. So with many requests in flight
+ * an interrupt the driver wants may wait a short while (a small fraction of
+ * the average request latency, so the requests' latency grows by at most
+ * that fraction) for more completions to go with it. Never with few in
+ * flight: a guest waiting on one request gets it at once. Nothing is left
+ * owed when the loop returns. */
 static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                          struct vmm_serve *s, char *err, size_t errlen)
 {
@@ -93,7 +119,9 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
     };
     nfds_t n = io->efd >= 0 ? 4 : 3;
     uint64_t io_errors = blk->io_errors;
-    int rc = 0;
+    int rc = 0, owed = 0, irqs = 0;
+    uint16_t owed_from = 0;
+    uint64_t deadline = 0;
     s->stop = VMM_SERVE_STOP_CONTROL;
     io->lazy_min = s->lazy_min;
     for (;;) {
@@ -101,7 +129,28 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
             s->stop = VMM_SERVE_STOP_RECALL;
             break;
         }
-        if (vmm_blk_round(mem, vq, blk, io, s, err, errlen) < 0) {
+        uint16_t from = vq->signalled_used;
+        int irq = 0;
+        int r = vmm_blk_round(mem, vq, blk, io, &irq, err, errlen);
+        if (irq && !owed) {
+            uint64_t delay = s->coalesce_min ? io->latency_ns >> s->coalesce_shift : 0;
+            if (delay > s->coalesce_max_ns)
+                delay = s->coalesce_max_ns;
+            owed = 1;
+            owed_from = from;
+            deadline = delay && delay >= s->coalesce_floor_ns ? io->now + delay : 0;
+            irqs = 0;
+        }
+        irqs += irq;
+        if (owed && (r < 0 || !deadline || vmm_blk_inflight(io) < s->coalesce_min || vmm_now_ns() >= deadline)) {
+            if (vmm_irq_still_wanted(mem, vq, owed_from)) {
+                vmm_irq_used(s->isr, s->irq_fd);
+                s->interrupts++;
+                s->coalesced += deadline && vq->next_used != (uint16_t)(owed_from + 1);
+            }
+            owed = 0;
+        }
+        if (r < 0) {
             s->stop = VMM_SERVE_STOP_BROKEN;
             rc = -1;
             break;
@@ -110,9 +159,15 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
             s->stop = VMM_SERVE_STOP_RECALL;
             break;
         }
-        int r;
+        struct timespec ts, *timeout = NULL;
+        if (owed) {
+            uint64_t now = vmm_now_ns(), left = deadline > now ? deadline - now : 0;
+            ts.tv_sec = (time_t)(left / 1000000000ull);
+            ts.tv_nsec = (long)(left % 1000000000ull);
+            timeout = &ts;
+        }
         do
-            r = poll(p, n, -1);
+            r = ppoll(p, n, timeout, NULL);
         while (r < 0 && errno == EINTR);
         if (r < 0) {
             s->stop = VMM_SERVE_STOP_BROKEN;
@@ -124,6 +179,10 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
             break;  /* not consumed: the Python loop handles it */
         if (p[0].revents & POLLIN)
             vmm_drain_fd(s->kick_fd);
+    }
+    if (owed) {
+        vmm_irq_used(s->isr, s->irq_fd);
+        s->interrupts++;
     }
     /* Python's own calls (drain, the plain path) always ask for kicks. A
      * chain the driver posts from now on, while no kick was asked for, must

@@ -54,6 +54,17 @@ BOUNCE_BYTES = 1 << 20
 #: chains, and every kick costs the guest an exit. With fewer in flight, a new
 #: request would wait for a whole I/O, so it asks again.
 LAZY_KICK_INFLIGHT = 4
+#: Interrupt coalescing in the C serving loop: while this many requests are in
+#: flight, an interrupt may wait for more completions to go with it, up to the
+#: average request latency >> COALESCE_SHIFT (so latency grows by at most a
+#: sixteenth), never more than COALESCE_MAX_NS; shorter than COALESCE_FLOOR_NS
+#: it is not worth a timer. Each interrupt costs the guest an injection, an
+#: InterruptStatus read, an ACK and an EOI: on a guest whose CPU is the
+#: bottleneck those exits are most of a small request's cost.
+COALESCE_MIN_INFLIGHT = 4
+COALESCE_SHIFT = 4
+COALESCE_FLOOR_NS = 20_000
+COALESCE_MAX_NS = 2_000_000
 
 _KINDS = {"uring": lib.VMM_IO_URING, "threads": lib.VMM_IO_THREADS, "sync": lib.VMM_IO_SYNC}
 _NAMES = {v: k for k, v in _KINDS.items()}
@@ -114,9 +125,9 @@ class NativeBlk:
         self._retired: List[Any] = []  # pins of older tables that requests in flight may use
         self._lock = threading.Lock()
         self._errors_seen = 0
+        # Its counters (wake-ups, interrupts, coalesced interrupts) run from the device's making; C
+        # updates them as it goes, so they can be read while the loop runs.
         self._serve = ffi.new("struct vmm_serve *")
-        #: Poll wake-ups and interrupts of the C serving loop, since the device was made.
-        self.serve_wakeups = self.serve_interrupts = 0
 
     # ----- lifecycle -----
     def open(self, depth: int) -> str:
@@ -236,10 +247,11 @@ class NativeBlk:
             s = self._serve
             setup_serve(s, memory, kick_fd, control_fds, interrupt)
             s.lazy_min = LAZY_KICK_INFLIGHT
+            s.coalesce_min, s.coalesce_shift = COALESCE_MIN_INFLIGHT, COALESCE_SHIFT
+            s.coalesce_floor_ns, s.coalesce_max_ns = COALESCE_FLOOR_NS, COALESCE_MAX_NS
             while True:
                 s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
                 rc = self._call(lib.vmm_blk_serve, memory, queue, s)
-                self.serve_wakeups, self.serve_interrupts = s.wakeups, s.interrupts
                 if rc < 0 or s.stop != lib.VMM_SERVE_STOP_RECALL:
                     return
 
@@ -291,7 +303,8 @@ class NativeBlk:
         b = self._blk
         return {"requests": b.requests, "max_inflight": b.max_inflight, "bounced": b.bounced,
                 "io_errors": b.io_errors, "inflight": self.inflight,
-                "serve_wakeups": self.serve_wakeups, "serve_interrupts": self.serve_interrupts}
+                "serve_wakeups": self._serve.wakeups, "serve_interrupts": self._serve.interrupts,
+                "serve_coalesced": self._serve.coalesced}
 
     # ----- guest memory -----
     def _sync_memory(self, memory) -> None:
