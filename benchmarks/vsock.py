@@ -131,11 +131,18 @@ class Peer:
         self.kvm: dict[str, kvmstats.Counters] = {}
 
     def counted(self, phase: str, fn, *args):
-        """*fn(*args)*, adding the KVM counters of this peer's VM over the call to *phase* (when they can be read)."""
-        if not self.vm or COUNTERS_UNAVAILABLE:
-            return fn(*args)
-        before = kvmstats.read(self.proc.pid)
-        result = fn(*args)
+        """*fn(*args)*, adding the KVM counters of this peer's VM over the call to *phase* (when they can be read).
+
+        A failure comes back with what the peer printed (a crashed guest says so there).
+        """
+        try:
+            if not self.vm or COUNTERS_UNAVAILABLE:
+                return fn(*args)
+            before = kvmstats.read(self.proc.pid)
+            result = fn(*args)
+        except (RuntimeError, OSError) as exc:
+            time.sleep(2)  # what the peer prints as it goes down
+            raise RuntimeError(f"{exc}\n{self.describe_failure()}") from exc
         d = kvmstats.delta(kvmstats.read(self.proc.pid), before)
         old = self.kvm.get(phase)
         self.kvm[phase] = d if old is None else {k: old[k] + d[k] for k in d}

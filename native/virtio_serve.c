@@ -227,6 +227,7 @@ struct vmm_vsock_serve {
     struct vmm_vsock_conn *tx_table;  /* nconns entries of scratch */
     uint8_t *spill;             /* max_payload bytes */
     struct pollfd *pfd;         /* 5 + nconns entries of scratch */
+    uint64_t tx_irq_defer_ns;   /* how long a tx-only interrupt may wait for an rx one (0: never) */
     /* out, for VMM_SERVE_STOP_PYTHON */
     int32_t conn;               /* the connection whose stream ended or failed (-1: none) */
     int32_t spill_conn;         /* as vmm_vsock_tx: a socket took part of a packet */
@@ -290,11 +291,31 @@ static uint32_t vmm_vsock_credit(const struct vmm_vsock_lconn *c)
     return in_flight < c->peer_buf_alloc ? c->peer_buf_alloc - in_flight : 0;
 }
 
+/* Used tx entries the driver has not taken back yet, as far as the device
+ * can tell: those past used_event, where it last asked to be woken. */
+static uint32_t vmm_vsock_tx_backlog(struct vmm_mem *mem, struct vmm_vq *vq)
+{
+    char scratch[8];
+    struct vmm_q q;
+    if (!vq->event_idx || vmm_q_setup(&q, mem, vq, scratch, sizeof(scratch)))
+        return UINT32_MAX;  /* nothing to go by: treat it as urgent */
+    uint16_t used_event = __atomic_load_n((const uint16_t *)(q.avail + 4 + 2ull * q.size), __ATOMIC_RELAXED);
+    return (uint16_t)(vq->next_used - used_event);
+}
+
 /* Serve established vsock connections both ways until Python is needed:
  * guest data to the sockets (tx, with the guest's credit updates), socket
  * data to the guest (rx, within its credit), and CREDIT_UPDATE packets when
  * the guest's view of our room runs low. Returns 0 (s->stop says why: see
- * VMM_SERVE_STOP_*) or -1 when the driver broke a ring (err says how). */
+ * VMM_SERVE_STOP_*) or -1 when the driver broke a ring (err says how).
+ *
+ * Interrupts: the device has one, for both queues. An interrupt for used tx
+ * buffers only lets the driver free them (its flow control is the credit,
+ * which comes on rx), so while the driver has few of them to take back it
+ * waits, up to tx_irq_defer_ns, for the next rx interrupt to carry it: an
+ * echo's reply, the next data, a credit update. A request and its answer
+ * then cost the guest one interrupt, not two. Nothing is left owed on
+ * return. */
 static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_vq *txq, struct vmm_vsock_serve *v,
                            char *err, size_t errlen)
 {
@@ -319,19 +340,21 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
     p[2] = (struct pollfd){.fd = v->py_fd, .events = POLLIN};
     p[3] = (struct pollfd){.fd = v->rx_kick_fd, .events = POLLIN};
     p[4] = (struct pollfd){.fd = s->kick_fd, .events = POLLIN};
+    int tx_owed = 0, rc = 0;
+    uint64_t tx_deadline = 0;
     for (;;) {
         if (s->table_gen && __atomic_load_n(s->table_gen, __ATOMIC_ACQUIRE) != s->mem_gen) {
             s->stop = VMM_SERVE_STOP_RECALL;
-            return 0;
+            goto out;
         }
-        int irq = 0, r;
+        int irq = 0, irq_tx = 0, r;
         /* Guest -> host. */
         struct vmm_vsock_tx tx = {.guest_cid = v->guest_cid, .conns = v->tx_table, .nconns = v->nconns,
                                   .max_payload = v->max_payload, .max_packets = 1u << 30, .spill = v->spill};
         r = vmm_vsock_tx(mem, txq, &tx, err, errlen);
         if (r < 0)
             goto broken;
-        irq |= r;
+        irq_tx = r;
         for (uint32_t i = 0; i < v->nconns; i++) {
             struct vmm_vsock_conn *t = &v->tx_table[i];
             struct vmm_vsock_lconn *c = &v->conns[i];
@@ -401,9 +424,18 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
                 }
             }
         }
+        if (irq_tx && !tx_owed) {
+            tx_owed = 1;
+            tx_deadline = vmm_now_ns() + v->tx_irq_defer_ns;
+        }
+        if (tx_owed && !irq && (!v->tx_irq_defer_ns || s->stop != VMM_SERVE_STOP_CONTROL
+                                || vmm_vsock_tx_backlog(mem, txq) >= txq->size / 4 || vmm_now_ns() >= tx_deadline))
+            irq = 1;
         if (irq) {
             vmm_irq_used(s->isr, s->irq_fd);
             s->interrupts++;
+            s->coalesced += tx_owed && !irq_tx;  /* a tx interrupt that waited went with this one */
+            tx_owed = 0;
         }
         if (s->stop != VMM_SERVE_STOP_CONTROL)
             return 0;
@@ -417,8 +449,15 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
             /* A negative fd is skipped: no spurious POLLHUP spin (Python's epoll reports hangups). */
             p[n++] = (struct pollfd){.fd = want ? c->fd : -1, .events = POLLIN};
         }
+        struct timespec ts = {0, 0}, *timeout = busy ? &ts : NULL;
+        if (tx_owed && !busy) {
+            uint64_t now = vmm_now_ns(), left = tx_deadline > now ? tx_deadline - now : 0;
+            ts.tv_sec = (time_t)(left / 1000000000ull);
+            ts.tv_nsec = (long)(left % 1000000000ull);
+            timeout = &ts;
+        }
         do
-            r = poll(p, n, busy ? 0 : -1);
+            r = ppoll(p, n, timeout, NULL);
         while (r < 0 && errno == EINTR);
         if (r < 0) {
             vmm_fail(err, errlen, "internal error: poll: %s", strerror(errno));
@@ -426,7 +465,7 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
         }
         s->wakeups++;
         if ((p[0].revents | p[1].revents) & (POLLIN | POLLERR | POLLHUP | POLLNVAL))
-            return 0;
+            goto out;
         if (p[3].revents & POLLIN) {
             vmm_drain_fd(v->rx_kick_fd);
             rx_empty = 0;
@@ -440,12 +479,18 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
             /* The kicks just drained are in that epoll too: only what is left is Python's. */
             struct pollfd e = {.fd = v->py_fd, .events = POLLIN};
             if (poll(&e, 1, 0) > 0)
-                return 0;
+                goto out;
         }
     }
 broken:
     s->stop = VMM_SERVE_STOP_BROKEN;
-    return -1;
+    rc = -1;
+out:
+    if (tx_owed) {
+        vmm_irq_used(s->isr, s->irq_fd);
+        s->interrupts++;
+    }
+    return rc;
 }
 
 /* sizeof(struct pollfd), for the Python side's scratch array. */

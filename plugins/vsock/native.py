@@ -87,6 +87,11 @@ class ServeResult(NamedTuple):
     err_no: int
 
 
+#: How long the C serving loop lets an interrupt for used tx buffers wait for
+#: an rx interrupt to go with it (``native/virtio_serve.c``): the driver only
+#: frees those buffers on it, so a request and its answer cost one interrupt.
+TX_IRQ_DEFER_NS = 5_000_000
+
 STOP_CONTROL = lib.VMM_SERVE_STOP_CONTROL
 STOP_RECALL = lib.VMM_SERVE_STOP_RECALL
 STOP_LOOP_PYTHON = lib.VMM_SERVE_STOP_PYTHON
@@ -116,8 +121,22 @@ class NativeVsockPath:
         self._rxq = ffi.new("struct vmm_vq *")
         self._lconns = self._pfd = None
         self._lcap = 0
-        #: Poll wake-ups and interrupts of the C serving loop, since the device was made.
-        self.serve_wakeups = self.serve_interrupts = 0
+
+    # The C serving loop's counters since the device was made; C updates them as it goes.
+    @property
+    def serve_wakeups(self) -> int:
+        """Poll wake-ups of the C serving loop."""
+        return self._serve.srv.wakeups
+
+    @property
+    def serve_interrupts(self) -> int:
+        """Interrupts the C serving loop raised."""
+        return self._serve.srv.interrupts
+
+    @property
+    def serve_coalesced(self) -> int:
+        """Interrupts for used tx buffers that waited and went with an rx one."""
+        return self._serve.srv.coalesced
 
     def forget(self) -> None:
         """Drop the memory table (the device was reset; nothing of ours runs in C now)."""
@@ -203,6 +222,7 @@ class NativeVsockPath:
         v.max_payload, v.max_packets = self.max_payload, self.max_packets
         v.conns, v.nconns, v.tx_table, v.spill = table, n, self._conns, self._spill
         v.pfd = ffi.cast("struct pollfd *", self._pfd)
+        v.tx_irq_defer_ns = TX_IRQ_DEFER_NS
         while True:
             srv.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
             self._nmem.sync(memory)
@@ -211,7 +231,6 @@ class NativeVsockPath:
             rc = lib.vmm_vsock_serve(self._nmem.struct, self._rxq, self._vq, v, self._err, len(self._err))
             store_queue(self._rxq, rx_queue)
             store_queue(self._vq, tx_queue)
-            self.serve_wakeups, self.serve_interrupts = srv.wakeups, srv.interrupts
             if rc < 0:
                 raise QueueError(ffi.string(self._err).decode(errors="replace"))
             if srv.stop != STOP_RECALL:

@@ -12,6 +12,7 @@ The default guest needs socat (``vmmkit guest build --with socat``, as
 setup.sh does). ``VMMKIT_VSOCK_TEST_MIB`` sets the size of the echo test,
 256 MiB each way by default; ``VMMKIT_VSOCK_ONEWAY_MIB`` that of the two
 one-way tests (64 MiB: the guest's own hashing is slow in the emulated lab).
+``VMMKIT_VSOCK_TEST_ENGINE`` picks the device's engine (the default one when unset).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ VMMKIT_WITH_LOG = [sys.executable, "-c", "import logging, sys; from vmmkit.cli i
 MiB = 1 << 20
 BULK = int(os.environ.get("VMMKIT_VSOCK_TEST_MIB", "256")) * MiB
 ONE_WAY = int(os.environ.get("VMMKIT_VSOCK_ONEWAY_MIB", "64")) * MiB
+ENGINE = os.environ.get("VMMKIT_VSOCK_TEST_ENGINE")
 PATTERN_LINE = b"0123456789abcdef0123456789abcde\n"  # 32 bytes, what `yes 0123...cde` prints
 
 ECHO, SINK, SOURCE, RELAY, RELAY_NOBODY, QUIT = 5000, 5001, 5002, 5003, 5004, 5999
@@ -179,11 +181,12 @@ def vm(tmp_path_factory):
     directory = tmp_path_factory.mktemp("vsock")
     uds = str(directory / "v.sock")
     config = directory / "vm.toml"
-    # The native engine. The guest prints warnings and oopses, and an oops panics and so ends the VM:
-    # a guest that broke shows why, at once, instead of going silent.
+    # The guest prints warnings and oopses, and an oops panics and so ends the VM: a guest that
+    # broke shows why, at once, instead of going silent.
     config.write_text(f'[boot]\ncmdline = "quiet loglevel=5 oops=panic"\n'
                       f'[api]\nsocket = "{directory / "api.sock"}"\n'
-                      f'[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "{uds}"\n')
+                      f'[[device]]\nkind = "vsock"\nguest_cid = 3\nuds_path = "{uds}"\n'
+                      + (f'engine = "{ENGINE}"\n' if ENGINE else ""))
     # Files, not pipes: a console nobody reads must never stall the guest.
     with open(directory / "stdout", "wb") as out, open(directory / "stderr", "wb") as err:
         proc = subprocess.Popen(VMMKIT_WITH_LOG + [str(directory / "vsock.log"), "run", str(config),

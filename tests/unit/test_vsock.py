@@ -1031,3 +1031,50 @@ def test_a_descriptor_loop_on_the_tx_ring_needs_reset_and_closes_the_host_stream
     wait_for(lambda: bench.needs_reset, "NEEDS_RESET")
     assert closed(s)
     assert device.connection_count() == 0
+
+
+def test_loop_lets_a_tx_interrupt_wait_for_the_answer(virtio_harness, uds, monkeypatch):
+    # The C serving loop holds an interrupt for used tx buffers back (the driver only frees them
+    # on it) until an rx interrupt carries it: a request and its answer cost the guest one
+    # interrupt. The wait is made long here, so that only the answer can end it.
+    from vmmkit_plugins.vsock import native as vsock_native
+    monkeypatch.setattr(vsock_native, "TX_IRQ_DEFER_NS", 60 * 10**9)
+    device, bench = on_bench(virtio_harness, uds, "native-loop", event_idx=True)
+    guest = Guest(bench)
+    guest.post_rx(32)
+    s, host_port, port = establish(guest, uds)
+    irqfd = bench._irqfd
+    wait_for(lambda: device.stats.get("loop_rounds", 0) > 0, "the C loop to serve")
+    for i in range(3):
+        irqfd.drain()
+        guest.send(RW, port, host_port, b"ping %d" % i)  # returns once the tx buffer is used
+        assert recv_exact(s, 6) == b"ping %d" % i
+        time.sleep(0.2)
+        assert irqfd.drain() == 0, "the tx interrupt did not wait for the answer"
+        s.sendall(b"pong %d" % i)
+        pkt = guest.recv_op(RW)
+        assert pkt.data == b"pong %d" % i
+        wait_for(lambda: irqfd.drain(), "the answer's interrupt")
+    assert device._native.serve_coalesced >= 3
+
+
+def test_loop_does_not_let_a_tx_interrupt_wait_when_the_driver_has_many_to_free(virtio_harness, uds, monkeypatch):
+    # A driver that has a quarter of its tx ring to take back gets its interrupt at once: it
+    # may be about to run out of ring.
+    from vmmkit_plugins.vsock import native as vsock_native
+    monkeypatch.setattr(vsock_native, "TX_IRQ_DEFER_NS", 60 * 10**9)
+    device, bench = on_bench(virtio_harness, uds, "native-loop", event_idx=True)
+    guest = Guest(bench)
+    guest.post_rx(32)
+    s, host_port, port = establish(guest, uds)
+    irqfd = bench._irqfd
+    guest.send(RW, port, host_port, b"x")
+    assert recv_exact(s, 1) == b"x"
+    irqfd.drain()
+    # Post a quarter of the ring at once and do not take the used entries back.
+    size = guest.txq.size
+    heads = [guest.txq.add_chain([HDR.pack(CID, HOST_CID, port, host_port, 1, STREAM, RW, 0, GUEST_BUF, 0), b"y"], [])
+             for _ in range(size // 4)]
+    bench.driver.notify(TX)
+    assert recv_exact(s, len(heads)) == b"y" * len(heads)
+    wait_for(lambda: irqfd.drain(), "the interrupt for a quarter of the tx ring")
