@@ -100,6 +100,11 @@ REQUEST_TIMEOUT = 5.0
 CLOSE_TIMEOUT = 10.0
 #: Seconds between timer ticks while any connection has a deadline.
 TICK = 0.25
+#: Seconds an interrupt for used tx buffers may wait for an rx interrupt to carry it (0: never).
+#: The driver only frees those buffers on it (its flow control is the credit, which comes on
+#: rx), so a request and its answer cost the guest one interrupt, not two. It does not wait
+#: while the driver has a quarter of its tx ring or more to take back.
+TX_IRQ_DEFER = 0.005
 #: Host ports of host-initiated connections are allocated from here (as Firecracker does).
 HOST_PORT_BASE = 1 << 30
 
@@ -229,9 +234,13 @@ class VirtioVsock(VirtioDevice):
         self._listener_stat = os.lstat(uds_path)
         try:
             self._timer = TickTimer()
+            self._tx_irq_timer = TickTimer()
         except BaseException:
+            if hasattr(self, "_timer"):
+                self._timer.close()
             self._close_listener()
             raise
+        self._tx_irq_owed = False
         self._conns: Dict[Tuple[int, int], Connection] = {}
         self._handshakes: Dict[int, _Handshake] = {}
         self._host_ports: Set[int] = set()
@@ -254,6 +263,7 @@ class VirtioVsock(VirtioDevice):
         super().activate(ctx)
         self._loop.add(self._listener, self._callback(self._on_listener))
         self._loop.add(self._timer, self._callback(self._on_timer))
+        self._loop.add(self._tx_irq_timer, self._callback(self._on_tx_irq_timer))
         self._accept_paused = False
 
     def reset(self) -> None:
@@ -271,7 +281,7 @@ class VirtioVsock(VirtioDevice):
         """
         self.broken = why  # the event-loop callbacks stop here
         if self._loop is not None:
-            for fd in (self._listener, self._timer):
+            for fd in (self._listener, self._timer, self._tx_irq_timer):
                 try:
                     self._loop.remove(fd)
                 except (KeyError, OSError):
@@ -287,6 +297,7 @@ class VirtioVsock(VirtioDevice):
         self.reset()
         log.debug("%s: closed; %s", self.name, dict(self.stats))
         self._timer.close()
+        self._tx_irq_timer.close()
         self._close_listener()
 
     def _close_listener(self) -> None:
@@ -308,6 +319,9 @@ class VirtioVsock(VirtioDevice):
         self._host_ports.clear()
         if self._timer.fd >= 0:
             self._timer.disarm()
+        self._tx_irq_owed = False
+        if self._tx_irq_timer.fd >= 0:
+            self._tx_irq_timer.disarm()
 
     # ----- snapshots -----
     def state(self) -> VsockState:
@@ -448,8 +462,35 @@ class VirtioVsock(VirtioDevice):
             if not queue.rearm(memory):
                 break
         if queue.needs_interrupt(memory) or irq:
-            ctx.signal_used()
+            self._tx_interrupt(queue, memory)
         self._process_rx()
+
+    def _tx_interrupt(self, queue, memory) -> None:
+        """The driver wants an interrupt for used tx buffers: let it wait for an rx one (TX_IRQ_DEFER), or raise it."""
+        if self._tx_irq_owed:
+            return
+        backlog = (queue.next_used - memory.read_u16(queue.avail_addr + 4 + 2 * queue.size)) & 0xFFFF \
+            if queue.event_idx else queue.size
+        if TX_IRQ_DEFER <= 0 or backlog >= queue.size // 4:
+            self.ctx.signal_used()
+            return
+        self._tx_irq_owed = True
+        self._tx_irq_timer.once(TX_IRQ_DEFER)
+
+    def _signal_used(self) -> None:
+        """Raise the interrupt (for rx or event buffers); it carries an owed tx one."""
+        self.ctx.signal_used()
+        if self._tx_irq_owed:
+            self._tx_irq_owed = False
+            self._tx_irq_timer.disarm()
+            self.stats["tx_irqs_carried"] += 1
+
+    def _on_tx_irq_timer(self, _events: int) -> None:
+        self._tx_irq_timer.drain()
+        self._tx_irq_timer.armed = False
+        if self._tx_irq_owed:
+            self._tx_irq_owed = False
+            self.ctx.signal_used()
 
     def _native_tx(self, queue, memory) -> bool:
         """Stream data from the guest straight to its sockets, in C, up to the first packet that is anything else.
@@ -660,7 +701,7 @@ class VirtioVsock(VirtioDevice):
             queue.add_used(memory, chain.head, self._fill_rx(chain))
             used = True
         if (used and queue.needs_interrupt(memory)) or irq:
-            ctx.signal_used()
+            self._signal_used()
 
     def _bulk_rx(self, conn: Connection) -> bool:
         """Whether the connection's next packets are plain stream data, for the native engine."""
@@ -1102,7 +1143,7 @@ class VirtioVsock(VirtioDevice):
             if written:
                 self._reset_event_pending = False
         if used and queue.needs_interrupt(memory):
-            ctx.signal_used()
+            self._signal_used()
 
 
 def _hangup_events(sock: socket.socket) -> int:

@@ -8,6 +8,7 @@ import os
 import socket
 import stat
 import time
+from typing import Optional
 
 from vmmkit.errors import VmmkitError
 
@@ -140,18 +141,26 @@ class TickTimer:
         self._set(interval)
         self.armed = True
 
+    def once(self, seconds: float) -> None:
+        """Become readable once, *seconds* from now."""
+        self._set(seconds, 0.0)
+        self.armed = True
+
     def disarm(self) -> None:
         """Stop ticking."""
         if self.armed:
             self._set(0.0)
             self.armed = False
 
-    def _set(self, interval: float) -> None:
+    def _set(self, initial: float, interval: Optional[float] = None) -> None:
+        interval = initial if interval is None else interval
         if hasattr(os, "timerfd_settime"):
-            os.timerfd_settime(self.fd, initial=interval, interval=interval)
+            os.timerfd_settime(self.fd, initial=initial, interval=interval)
             return
-        sec, nsec = int(interval), int((interval - int(interval)) * 1e9)
-        spec = _Itimerspec(_Timespec(sec, nsec), _Timespec(sec, nsec))
+
+        def ts(t):
+            return _Timespec(int(t), int((t - int(t)) * 1e9))
+        spec = _Itimerspec(ts(interval), ts(initial))
         if _c().timerfd_settime(self.fd, 0, ctypes.byref(spec), None) < 0:
             err = ctypes.get_errno()
             raise OSError(err, f"timerfd_settime: {os.strerror(err)}")
