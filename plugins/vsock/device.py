@@ -475,14 +475,16 @@ class VirtioVsock(VirtioDevice):
             self.ctx.signal_used()
             return
         self._tx_irq_owed = True
-        self._tx_irq_timer.once(TX_IRQ_DEFER)
+        # A timer still set for an interrupt that was carried meanwhile may end this wait early;
+        # that costs an interrupt at worst, and re-arming at every request costs two system calls.
+        if not self._tx_irq_timer.armed:
+            self._tx_irq_timer.once(TX_IRQ_DEFER)
 
     def _signal_used(self) -> None:
         """Raise the interrupt (for rx or event buffers); it carries an owed tx one."""
         self.ctx.signal_used()
         if self._tx_irq_owed:
             self._tx_irq_owed = False
-            self._tx_irq_timer.disarm()
             self.stats["tx_irqs_carried"] += 1
 
     def _on_tx_irq_timer(self, _events: int) -> None:
