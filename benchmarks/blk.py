@@ -281,11 +281,8 @@ def benchmark(opts) -> int:
 
 def print_counters(counters: dict[str, list[dict[str, dict[str, float]]]]) -> None:
     """KVM's counters per guest request, medians over the rounds (:mod:`kvmstats`): what each VMM costs the guest."""
-    short = {"exits": "exits", "mmio_exits": "mmio", "io_exits": "pio", "irq_injections": "irqs",
-             "halt_exits": "halts", "halt_wakeup": "wakeups", "halt_successful_poll": "polled",
-             "irq_window_exits": "irqwin"}
     print("\nKVM counters per request (medians over rounds; requests the guest's disk completed)")
-    print(f"{'job':<12}{'VMM':<8}{'requests':>9}" + "".join(f"{short[k]:>9}" for k in kvmstats.FIELDS))
+    print(f"{'job':<12}{'VMM':<8}{'requests':>9}" + "".join(f"{kvmstats.LABELS[k]:>9}" for k in kvmstats.FIELDS))
     for name, *_ in JOBS:
         for vmm in ("qemu", "vmmkit"):
             runs = [r[name] for r in counters[vmm] if name in r]

@@ -22,6 +22,10 @@ DEBUGFS = "/sys/kernel/debug"
 #: The counters we report, in table order.
 FIELDS = ("exits", "mmio_exits", "io_exits", "irq_injections", "halt_exits", "halt_wakeup",
           "halt_successful_poll", "irq_window_exits")
+#: Column headings of the counters in the benchmarks' tables.
+LABELS = {"exits": "exits", "mmio_exits": "mmio", "io_exits": "pio", "irq_injections": "irqs",
+          "halt_exits": "halts", "halt_wakeup": "wakeups", "halt_successful_poll": "polled",
+          "irq_window_exits": "irqwin"}
 #: The line prefix a guest prints to have the counters read (then a label, then anything).
 MARK = b"@@kvm "
 

@@ -510,11 +510,8 @@ def benchmark(opts) -> int:
 def print_counters(results: dict[str, list[dict]], mib: int, count: int) -> None:
     """KVM's counters per MiB moved and per round trip, medians over rounds: what each VMM costs the guest."""
     per = {"h2g": (mib, "MiB"), "g2h": (mib, "MiB"), "rtt": (count, "round trip")}
-    short = {"exits": "exits", "mmio_exits": "mmio", "io_exits": "pio", "irq_injections": "irqs",
-             "halt_exits": "halts", "halt_wakeup": "wakeups", "halt_successful_poll": "polled",
-             "irq_window_exits": "irqwin"}
     print("\nKVM counters of each guest (medians over rounds)")
-    print(f"{'phase':<20}{'VMM':<8}" + "".join(f"{short[k]:>9}" for k in kvmstats.FIELDS))
+    print(f"{'phase':<20}{'VMM':<8}" + "".join(f"{kvmstats.LABELS[k]:>9}" for k in kvmstats.FIELDS))
     for phase, (n, unit) in per.items():
         for vmm in ("qemu", "vmmkit"):
             runs = [r["kvm"][phase] for r in results[vmm] if phase in r.get("kvm", {})]

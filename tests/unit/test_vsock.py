@@ -1033,6 +1033,15 @@ def test_a_descriptor_loop_on_the_tx_ring_needs_reset_and_closes_the_host_stream
     assert device.connection_count() == 0
 
 
+def connected_with_event_idx(virtio_harness, uds, engine):
+    """(device, bench, guest, host socket, host port, guest port): one connection, EVENT_IDX on."""
+    device, bench = on_bench(virtio_harness, uds, engine, event_idx=True)
+    guest = Guest(bench)
+    guest.post_rx(32)
+    s, host_port, port = establish(guest, uds)
+    return device, bench, guest, s, host_port, port
+
+
 def test_loop_lets_a_tx_interrupt_wait_for_the_answer(virtio_harness, uds, monkeypatch):
     # The C serving loop holds an interrupt for used tx buffers back (the driver only frees them
     # on it) until an rx interrupt carries it: a request and its answer cost the guest one
@@ -1041,10 +1050,7 @@ def test_loop_lets_a_tx_interrupt_wait_for_the_answer(virtio_harness, uds, monke
     from vmmkit_plugins.vsock import native as vsock_native
     monkeypatch.setattr(vsock_native, "TX_IRQ_DEFER_NS", 60 * 10**9)
     monkeypatch.setattr(vsock_device, "TX_IRQ_DEFER", 0)
-    device, bench = on_bench(virtio_harness, uds, "native-loop", event_idx=True)
-    guest = Guest(bench)
-    guest.post_rx(32)
-    s, host_port, port = establish(guest, uds)
+    device, bench, guest, s, host_port, port = connected_with_event_idx(virtio_harness, uds, "native-loop")
     irqfd = bench._irqfd
     wait_for(lambda: device.stats.get("loop_rounds", 0) > 0, "the C loop to serve")
     for i in range(3):
@@ -1065,10 +1071,7 @@ def test_loop_does_not_let_a_tx_interrupt_wait_when_the_driver_has_many_to_free(
     # may be about to run out of ring.
     from vmmkit_plugins.vsock import native as vsock_native
     monkeypatch.setattr(vsock_native, "TX_IRQ_DEFER_NS", 60 * 10**9)
-    device, bench = on_bench(virtio_harness, uds, "native-loop", event_idx=True)
-    guest = Guest(bench)
-    guest.post_rx(32)
-    s, host_port, port = establish(guest, uds)
+    device, bench, guest, s, host_port, port = connected_with_event_idx(virtio_harness, uds, "native-loop")
     irqfd = bench._irqfd
     guest.send(RW, port, host_port, b"x")
     assert recv_exact(s, 1) == b"x"
@@ -1086,10 +1089,7 @@ def test_loop_does_not_let_a_tx_interrupt_wait_when_the_driver_has_many_to_free(
 def test_a_tx_interrupt_waits_for_the_answer(virtio_harness, uds, engine, monkeypatch):
     # The worker's path: an interrupt for used tx buffers goes with the next rx interrupt.
     monkeypatch.setattr(vsock_device, "TX_IRQ_DEFER", 60)
-    device, bench = on_bench(virtio_harness, uds, engine, event_idx=True)
-    guest = Guest(bench)
-    guest.post_rx(32)
-    s, host_port, port = establish(guest, uds)
+    device, bench, guest, s, host_port, port = connected_with_event_idx(virtio_harness, uds, engine)
     for i in range(3):
         before = bench.interrupts
         guest.send(RW, port, host_port, b"ping %d" % i)
@@ -1105,10 +1105,7 @@ def test_a_tx_interrupt_waits_for_the_answer(virtio_harness, uds, engine, monkey
 @pytest.mark.parametrize("engine", ["native", "python"])
 def test_a_tx_interrupt_comes_by_itself_when_no_answer_comes_in_time(virtio_harness, uds, engine, monkeypatch):
     monkeypatch.setattr(vsock_device, "TX_IRQ_DEFER", 0.05)
-    device, bench = on_bench(virtio_harness, uds, engine, event_idx=True)
-    guest = Guest(bench)
-    guest.post_rx(32)
-    s, host_port, port = establish(guest, uds)
+    device, bench, guest, s, host_port, port = connected_with_event_idx(virtio_harness, uds, engine)
     wait_for(lambda: not device._tx_irq_owed, "the handshake's tx interrupt")
     before = bench.interrupts
     guest.send(RW, port, host_port, b"no answer")
