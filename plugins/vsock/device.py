@@ -32,14 +32,14 @@ guest is answered with RST, which ends the connection, as Linux expects.
 
 Everything runs on the device's worker thread: queue kicks, the listening
 socket, every Unix stream and a timer (request and close timeouts) are fds
-in its event loop. Two engines move the bytes. ``native`` (the default)
+in its event loop. Three engines move the bytes. ``native``
 hands runs of plain stream data to C (:mod:`.native`, ``native/virtio_vsock.c``):
 one call walks the ring and moves many packets between guest buffers and a
 socket with the GIL released. ``python`` is the reference: every packet goes
 through the per-packet code here and a data path object (:mod:`.datapath`).
 The native engine leaves everything but stream data and the guest's credit
 updates (handshakes, other control packets, the end of a stream, errors) to
-that same per-packet code. ``loop`` (experimental) goes further, in a VM
+that same per-packet code. ``loop`` (the default) goes further, in a VM
 (where the interrupt is an irqfd): once only established connections have
 work, the worker enters a C serving loop (``native/virtio_serve.c``,
 :meth:`VirtioVsock._serve_in_c`) that polls their sockets and both queues'
@@ -217,7 +217,7 @@ class VirtioVsock(VirtioDevice):
     device_id = ID_VSOCK
     queue_sizes = (QUEUE_SIZE, QUEUE_SIZE, QUEUE_SIZE)
 
-    def __init__(self, name: str, guest_cid: int, uds_path: str, *, datapath=None, engine: str = "native"):
+    def __init__(self, name: str, guest_cid: int, uds_path: str, *, datapath=None, engine: str = "loop"):
         if engine not in ENGINES:
             raise ValueError(f"unknown vsock engine {engine!r}; expected one of {', '.join(ENGINES)}")
         if not P.MIN_GUEST_CID <= guest_cid <= P.MAX_GUEST_CID:

@@ -12,7 +12,7 @@ The default guest needs socat (``vmmkit guest build --with socat``, as
 setup.sh does). ``VMMKIT_VSOCK_TEST_MIB`` sets the size of the echo test,
 256 MiB each way by default; ``VMMKIT_VSOCK_ONEWAY_MIB`` that of the two
 one-way tests (64 MiB: the guest's own hashing is slow in the emulated lab).
-``VMMKIT_VSOCK_TEST_ENGINE`` picks the device's engine (the default one when unset).
+``VMMKIT_VSOCK_TEST_ENGINE`` picks the device's engine (the default, ``loop``, when unset).
 """
 
 from __future__ import annotations
