@@ -26,3 +26,18 @@ def test_python_may_write_bytecode_inside_the_lab(tmp_path):
     # Python start in the lab compiles its modules again.
     words = run_script(tmp_path, {"PYTHONDONTWRITEBYTECODE": "1", "VMMKIT_TEST_VAR": "x"})
     assert words == ["None", "x"]
+
+
+def test_a_wedged_lab_is_stopped_once_its_kernel_reports_a_cpu_stuck_long_enough():
+    from vmmkit.lab.run import WEDGE_SECONDS, WedgeWatch
+    fed, kills = [], []
+    w = WedgeWatch(fed.append, lambda: kills.append(1))
+    w(b"[  365.48] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [kthreadd:2]\n")
+    assert kills == [] and w.report is None  # a short stall: the lab may recover
+    line = f"[  900.37] watchdog: BUG: soft lockup - CPU#0 stuck for {WEDGE_SECONDS + 10}s! [swapper/0:0]\n".encode()
+    w(line[:30])
+    w(line[30:])  # the report may come in pieces
+    w(line)
+    assert kills == [1]  # once
+    assert w.report == f"soft lockup - CPU#0 stuck for {WEDGE_SECONDS + 10}s"
+    assert b"".join(fed) == b"[  365.48] watchdog: BUG: soft lockup - CPU#1 stuck for 26s! [kthreadd:2]\n" + line + line

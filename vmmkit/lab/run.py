@@ -12,6 +12,7 @@ made as a sparse file in the run directory and deleted with it.
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -28,6 +29,31 @@ from .init import END_MARKER, RUN_PARAM, START_MARKER
 
 LAB_FAILED = 125  # our exit status when the lab itself failed, as docker uses for its own errors
 _NOISE = ("TCG doesn't support requested feature",)
+#: A lab CPU its kernel reports stuck this long means the lab is wedged (docs/lab.md): it is
+#: killed and counts as failed, instead of holding its caller until the timeout.
+WEDGE_SECONDS = 120
+_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s")
+
+
+class WedgeWatch:
+    """Passes the lab's console on to *feed*, and calls *kill* once when its kernel reports a
+    CPU stuck for WEDGE_SECONDS or more (the report is kept in :attr:`report`)."""
+
+    def __init__(self, feed, kill) -> None:
+        self.feed, self.kill = feed, kill
+        self.report: str | None = None
+        self._tail = b""
+
+    def __call__(self, chunk: bytes) -> None:
+        self.feed(chunk)
+        data = self._tail + chunk
+        if self.report is None:
+            for m in _LOCKUP.finditer(data):
+                if int(m.group(1)) >= WEDGE_SECONDS:
+                    self.report = m.group(0).decode()
+                    self.kill()
+                    break
+        self._tail = data[-64:]
 # PYTHONDONTWRITEBYTECODE keeps Python from littering a checkout with __pycache__; inside the lab
 # every write lands on the throw-away overlay, so dropping it lets a lab session compile each
 # module once instead of on every Python start (about ten times slower there than on the host).
@@ -201,8 +227,9 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
         console = MarkerStream(stdout, START_MARKER.encode(), END_MARKER.encode())
         qemu_err = bytearray()
         proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        wedge = WedgeWatch(console.feed, proc.kill)
         threads = [
-            threading.Thread(target=_pump, args=(proc.stdout.fileno(), console.feed), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stdout.fileno(), wedge), daemon=True),
             threading.Thread(target=_pump, args=(err_r, lambda b: (stderr.write(b), stderr.flush())), daemon=True),
             threading.Thread(target=_pump, args=(proc.stderr.fileno(), qemu_err.extend), daemon=True),
         ]
@@ -226,12 +253,17 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
             os.close(err_r)
         console.close()
         status_file = os.path.join(rundir, "status")
-        if not timed_out and os.path.exists(status_file):
+        if not timed_out and not wedge.report and os.path.exists(status_file):
             with open(status_file) as f:
                 text = f.read().strip()
             if text.isdigit():
                 return int(text)
-        why = f"timed out after {timeout:.0f}s" if timed_out else f"QEMU exited with {proc.returncode} before the command finished"
+        if wedge.report:
+            why = f"wedged ({wedge.report}), so it was stopped"
+        elif timed_out:
+            why = f"timed out after {timeout:.0f}s"
+        else:
+            why = f"QEMU exited with {proc.returncode} before the command finished"
         noise = "\n".join(l for l in qemu_err.decode(errors="replace").splitlines() if not any(n in l for n in _NOISE))
         tail = console.log.decode(errors="replace")[-3000:]
         stderr.write(f"vmmkit lab: the lab failed: {why}\n--- lab console (tail) ---\n{tail}\n--- qemu stderr ---\n{noise}\n".encode())
