@@ -1325,6 +1325,12 @@ done:
     return 0;
 }
 
+/* The driver's used_event (VIRTIO_RING_F_EVENT_IDX): interrupt me once used.idx passes it. */
+static uint16_t vmm_q_used_event(const struct vmm_q *q)
+{
+    return __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * q->size), __ATOMIC_RELAXED);
+}
+
 /* Whether the driver wants an interrupt for what was used since the last
  * decision (Virtqueue.needs_interrupt). The full fence orders the used.idx
  * store before the load of used_event / avail.flags. */
@@ -1337,8 +1343,7 @@ static int vmm_q_needs_interrupt(struct vmm_q *q)
         return 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (vq->event_idx) {
-        uint16_t used_event = __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * q->size), __ATOMIC_RELAXED);
-        return (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - old);
+        return (uint16_t)(new_idx - vmm_q_used_event(q) - 1) < (uint16_t)(new_idx - old);
     }
     return !(__atomic_load_n((const uint16_t *)q->avail, __ATOMIC_RELAXED) & VMM_AVAIL_F_NO_INTERRUPT);
 }

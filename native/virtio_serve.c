@@ -92,8 +92,7 @@ static int vmm_irq_still_wanted(struct vmm_mem *mem, struct vmm_vq *vq, uint16_t
         return 1;
     uint16_t new_idx = vq->next_used;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint16_t used_event = __atomic_load_n((const uint16_t *)(q.avail + 4 + 2ull * q.size), __ATOMIC_RELAXED);
-    return (uint16_t)(new_idx - used_event - 1) < (uint16_t)(new_idx - from);
+    return (uint16_t)(new_idx - vmm_q_used_event(&q) - 1) < (uint16_t)(new_idx - from);
 }
 
 /* Serve virtio-blk's queue until Python is needed. Returns 0 (s->stop says
@@ -299,8 +298,7 @@ static uint32_t vmm_vsock_tx_backlog(struct vmm_mem *mem, struct vmm_vq *vq)
     struct vmm_q q;
     if (!vq->event_idx || vmm_q_setup(&q, mem, vq, scratch, sizeof(scratch)))
         return UINT32_MAX;  /* nothing to go by: treat it as urgent */
-    uint16_t used_event = __atomic_load_n((const uint16_t *)(q.avail + 4 + 2ull * q.size), __ATOMIC_RELAXED);
-    return (uint16_t)(vq->next_used - used_event);
+    return (uint16_t)(vq->next_used - vmm_q_used_event(&q));
 }
 
 /* Serve established vsock connections both ways until Python is needed:
