@@ -1331,6 +1331,13 @@ static uint16_t vmm_q_used_event(const struct vmm_q *q)
     return __atomic_load_n((const uint16_t *)(q->avail + 4 + 2ull * q->size), __ATOMIC_RELAXED);
 }
 
+/* The event-index test (virtio 1.x, 2.7.10): whether moving used.idx from
+ * *old* to *new_idx* passed the driver's *event*. */
+static int vmm_need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
 /* Whether the driver wants an interrupt for what was used since the last
  * decision (Virtqueue.needs_interrupt). The full fence orders the used.idx
  * store before the load of used_event / avail.flags. */
@@ -1343,7 +1350,7 @@ static int vmm_q_needs_interrupt(struct vmm_q *q)
         return 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (vq->event_idx) {
-        return (uint16_t)(new_idx - vmm_q_used_event(q) - 1) < (uint16_t)(new_idx - old);
+        return vmm_need_event(vmm_q_used_event(q), new_idx, old);
     }
     return !(__atomic_load_n((const uint16_t *)q->avail, __ATOMIC_RELAXED) & VMM_AVAIL_F_NO_INTERRUPT);
 }

@@ -92,7 +92,7 @@ static int vmm_irq_still_wanted(struct vmm_mem *mem, struct vmm_vq *vq, uint16_t
         return 1;
     uint16_t new_idx = vq->next_used;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    return (uint16_t)(new_idx - vmm_q_used_event(&q) - 1) < (uint16_t)(new_idx - from);
+    return vmm_need_event(vmm_q_used_event(&q), new_idx, from);
 }
 
 /* Serve virtio-blk's queue until Python is needed. Returns 0 (s->stop says

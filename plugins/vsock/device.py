@@ -469,8 +469,7 @@ class VirtioVsock(VirtioDevice):
         """The driver wants an interrupt for used tx buffers: let it wait for an rx one (TX_IRQ_DEFER), or raise it."""
         if self._tx_irq_owed:
             return
-        backlog = (queue.next_used - memory.read_u16(queue.avail_addr + 4 + 2 * queue.size)) & 0xFFFF \
-            if queue.event_idx else queue.size
+        backlog = (queue.next_used - queue.used_event(memory)) & 0xFFFF if queue.event_idx else queue.size
         if TX_IRQ_DEFER <= 0 or backlog >= queue.size // 4:
             self.ctx.signal_used()
             return

@@ -236,6 +236,10 @@ class Virtqueue:
         self.next_used = (self.next_used + 1) & 0xFFFF
         memory.write_u16(self.used_addr + 2, self.next_used)
 
+    def used_event(self, memory) -> int:
+        """The used index the driver asked to be interrupted past (EVENT_IDX's used_event word)."""
+        return memory.read_u16(self.avail_addr + 4 + 2 * self.size)
+
     def needs_interrupt(self, memory) -> bool:
         """Whether the driver wants an interrupt for the used entries added since the last call."""
         new, old = self.next_used, self.signalled_used
@@ -244,8 +248,7 @@ class Virtqueue:
             return False
         if self.event_idx:
             _mb()  # the used.idx store must be visible before used_event is read
-            used_event = memory.read_u16(self.avail_addr + 4 + 2 * self.size)
-            return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+            return ((new - self.used_event(memory) - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         return not memory.read_u16(self.avail_addr) & AVAIL_F_NO_INTERRUPT
 
     def rearm(self, memory) -> bool:
@@ -273,7 +276,7 @@ class Virtqueue:
         if self.ready and memory.is_ram(self.avail_addr, 6 + 2 * self.size) \
                 and memory.is_ram(self.used_addr, 6 + 8 * self.size):
             out.update(avail_flags=memory.read_u16(self.avail_addr), avail_idx=self.avail_idx(memory),
-                       used_event=memory.read_u16(self.avail_addr + 4 + 2 * self.size),
+                       used_event=self.used_event(memory),
                        used_idx=memory.read_u16(self.used_addr + 2),
                        avail_event=memory.read_u16(self.used_addr + 4 + 8 * self.size))
         return out
