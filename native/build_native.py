@@ -80,6 +80,7 @@ struct vmm_blk {
     uint8_t *bounce; uint64_t bounce_len;
     uint64_t io_errors; int last_errno; uint64_t bounced; uint64_t requests; uint32_t max_inflight;
     uint32_t mem_align;
+    uint64_t started; uint64_t inflight_sum; uint64_t rw_requests; uint64_t rw_segments;
 };
 struct vmm_blk_io;
 int vmm_bitmap_set_range(uint8_t *bm, uint64_t len, uint64_t first, uint64_t last);

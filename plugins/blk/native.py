@@ -299,9 +299,12 @@ class NativeBlk:
         self._blk.mem_align = value
 
     def stats(self) -> Dict[str, int]:
-        """Counters: requests answered, the most requests ever in flight together, bounced transfers, I/O errors."""
+        """Counters: requests answered, how many were in flight (most, and summed as each was taken),
+        host iovecs per read or write, bounced transfers, I/O errors, and the serving loop's."""
         b = self._blk
         return {"requests": b.requests, "max_inflight": b.max_inflight, "bounced": b.bounced,
+                "started": b.started, "inflight_sum": b.inflight_sum,
+                "rw_requests": b.rw_requests, "rw_segments": b.rw_segments,
                 "io_errors": b.io_errors, "inflight": self.inflight,
                 "serve_wakeups": self._serve.wakeups, "serve_interrupts": self._serve.interrupts,
                 "serve_coalesced": self._serve.coalesced}

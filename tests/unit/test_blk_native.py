@@ -721,6 +721,38 @@ def test_many_buffers_in_one_request(rigs, image, io):
     assert b"".join(r.q.in_buffers(head)) == data + bytes([S_OK])
 
 
+def test_adjacent_buffers_become_one_iovec(rigs, image):
+    """Descriptors that continue one another in guest memory reach the host as one iovec, and still log dirt."""
+    r = rigs(image, direct=True, event_idx=True)
+    hdr, status, buf = BUF, BUF + 0x100, BUF + 0x10000
+    data = os.urandom(8 * SECTOR)
+    r.mem.write(buf, data)
+    r.mem.write(hdr, HEADER.pack(T_OUT, 0, 16))
+    # Four adjacent 1 KiB pieces: one iovec.
+    _serve_raw(r, [(hdr, 16, F_NEXT, 1)] + [(buf + 0x400 * i, 0x400, F_NEXT, 2 + i) for i in range(4)]
+               + [(status, 1, F_WRITE, 0)])
+    assert r.mem.read(status, 1) == bytes([S_OK])
+    assert file_bytes(r.path, 16 * SECTOR, 4 * SECTOR * 2) == data
+    stats = r.dev.native.stats()
+    assert (stats["rw_requests"], stats["rw_segments"]) == (1, 1)
+
+    # Read back into a gap-split layout: pieces 0-1 adjacent, 2 far off, 3 just after 2: two iovecs.
+    r.mem.start_dirty_log()
+    far = BUF + 0x30000 - 0x400  # piece 2 ends, and piece 3 starts, on a page boundary
+    layout = [buf + 0x8000, buf + 0x8400, far, far + 0x400]
+    r.mem.write(hdr, HEADER.pack(T_IN, 0, 16))
+    pages, used_pages = _serve_raw(r, [(hdr, 16, F_NEXT, 1)]
+                                   + [(a, 0x400, F_WRITE | F_NEXT, 2 + i) for i, a in enumerate(layout)]
+                                   + [(status, 1, F_WRITE, 0)])
+    r.mem.stop_dirty_log()
+    assert r.mem.read(status, 1) == bytes([S_OK])
+    assert b"".join(r.mem.read(a, 0x400) for a in layout) == data[:4 * 0x400]
+    stats = r.dev.native.stats()
+    assert (stats["rw_requests"], stats["rw_segments"]) == (2, 3)
+    # The joined iovec that crosses a page boundary marks both pages.
+    assert pages == {(buf + 0x8000) >> 12, far >> 12, (far + 0x400) >> 12, status >> 12} | used_pages
+
+
 # --- interrupts --------------------------------------------------------------------------
 
 
