@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -76,3 +77,36 @@ def test_delta_subtracts_every_field():
     a = {k: 10 for k in kvmstats.FIELDS}
     b = {k: 3 for k in kvmstats.FIELDS}
     assert kvmstats.delta(a, b) == {k: 7 for k in kvmstats.FIELDS}
+
+
+def test_thread_times_read_the_fields_after_a_name_with_spaces():
+    # pid (comm) state, then fields 4..52; utime=14, stime=15, guest_time=43 (1-based).
+    rest = [str(i) for i in range(4, 53)]
+    rest[14 - 4], rest[15 - 4], rest[43 - 4] = "700", "50", "600"
+    line = "1234 (CPU 0/KVM) R " + " ".join(rest)
+    assert kvmstats.thread_times(line) == (750, 600)
+
+
+def test_cpu_times_count_this_process_and_busy_shares():
+    before = kvmstats.cpu_times(os.getpid())
+    assert set(before) == set(kvmstats.CPU_FIELDS)
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # burn CPU in a thread that never runs guest code
+        pass
+    after = kvmstats.cpu_times(os.getpid())
+    d = kvmstats.delta(after, before)
+    assert d["guest_ms"] == 0 and d["vcpu_host_ms"] == 0
+    assert d["vmm_ms"] >= 200 and d["wall_ms"] >= 250
+    vcpu, others = kvmstats.busy(d)
+    assert vcpu == 0 and 0.5 < others <= 1.5
+
+
+def test_job_counters_give_the_cpu_shares_when_the_readings_have_them():
+    cpu0 = {"wall_ms": 1000, "guest_ms": 0, "vcpu_host_ms": 0, "vmm_ms": 0}
+    cpu1 = {"wall_ms": 3000, "guest_ms": 1500, "vcpu_host_ms": 300, "vmm_ms": 400}
+    w = kvmstats.MarkWatcher(reader=None)
+    w.marks["seqread-start"] = ({**dict.fromkeys(kvmstats.FIELDS, 0), **cpu0}, "0 0 0 0 0 0 0 0 0 0 0")
+    w.marks["seqread-end"] = ({**dict.fromkeys(kvmstats.FIELDS, 0), **cpu1}, "100 0 0 0 0 0 0 0 0 0 0")
+    got = blk.job_counters(w)["seqread"]
+    assert got["vcpu_busy"] == pytest.approx(0.9) and got["vmm_busy"] == pytest.approx(0.2)
+    assert got["guest_ms"] == pytest.approx(15.0) and got["wall_ms"] == pytest.approx(20.0)
