@@ -118,7 +118,9 @@ struct vmm_serve {
     int kick_fd; int stop_fd[2]; uint32_t *isr; int irq_fd; uint32_t *table_gen; uint32_t mem_gen;
     uint32_t lazy_min; uint32_t coalesce_min; uint32_t coalesce_shift; uint64_t coalesce_floor_ns;
     uint64_t coalesce_max_ns;
-    int32_t stop; uint64_t wakeups; uint64_t interrupts; uint64_t coalesced;
+    const int32_t *vcpu_fds; uint32_t nvcpus; uint32_t blocking_off; uint32_t halts_off; uint32_t busy_shift;
+    uint64_t busy_poll_ns;
+    int32_t stop; uint64_t wakeups; uint64_t interrupts; uint64_t coalesced; uint64_t busy_held;
 };
 int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                   struct vmm_serve *s, char *err, size_t errlen);

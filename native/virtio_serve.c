@@ -42,11 +42,25 @@ struct vmm_serve {
     uint32_t coalesce_shift;
     uint64_t coalesce_floor_ns;
     uint64_t coalesce_max_ns;
+    /* While the guest is busy: KVM's statistics of each vCPU (KVM_GET_STATS_FD),
+     * and where in them its "blocking" flag and its halt_exits count are (0
+     * vCPUs: not known). While no vCPU is halted, an interrupt may wait for
+     * more completions with any request in flight, up to the latency >>
+     * busy_shift (capped as above); the vCPUs are looked at again at every wake
+     * and at least every busy_poll_ns, and the interrupt goes as soon as one
+     * halts. */
+    const int32_t *vcpu_fds;
+    uint32_t nvcpus;
+    uint32_t blocking_off;
+    uint32_t halts_off;
+    uint32_t busy_shift;
+    uint64_t busy_poll_ns;
     /* out */
     int32_t stop;               /* VMM_SERVE_STOP_* */
     uint64_t wakeups;
     uint64_t interrupts;
     uint64_t coalesced;         /* interrupts that waited and took more completions with them */
+    uint64_t busy_held;         /* of the interrupts that waited, those held because the guest was busy */
 };
 
 #define VMM_SERVE_STOP_CONTROL 0    /* kill or pause: Python's turn */
@@ -95,6 +109,22 @@ static int vmm_irq_still_wanted(struct vmm_mem *mem, struct vmm_vq *vq, uint16_t
     return vmm_need_event(vmm_q_used_event(&q), new_idx, from);
 }
 
+/* Whether any vCPU of the guest is halted (blocking in KVM), or cannot be
+ * looked at; *halts gets the sum of their halt exits so far. */
+static int vmm_guest_waits(const struct vmm_serve *s, uint64_t *halts)
+{
+    uint64_t sum = 0;
+    for (uint32_t i = 0; i < s->nvcpus; i++) {
+        uint64_t blocking, n;
+        if (pread(s->vcpu_fds[i], &blocking, sizeof(blocking), s->blocking_off) != (ssize_t)sizeof(blocking)
+            || pread(s->vcpu_fds[i], &n, sizeof(n), s->halts_off) != (ssize_t)sizeof(n) || blocking)
+            return 1;
+        sum += n;
+    }
+    *halts = sum;
+    return 0;
+}
+
 /* Serve virtio-blk's queue until Python is needed. Returns 0 (s->stop says
  * why) or -1 when the driver broke the ring: err says how; the chains taken
  * before the bad one are answered.
@@ -105,8 +135,10 @@ static int vmm_irq_still_wanted(struct vmm_mem *mem, struct vmm_vq *vq, uint16_t
  * an interrupt the driver wants may wait a short while (a small fraction of
  * the average request latency, so the requests' latency grows by at most
  * that fraction) for more completions to go with it. Never with few in
- * flight: a guest waiting on one request gets it at once. Nothing is left
- * owed when the loop returns. */
+ * flight, unless the guest is busy: a guest waiting on one request gets it
+ * at once, but one whose vCPUs all run (no halt since the interrupt fell
+ * due) is not waiting, and takes its completions together a little later
+ * (s->busy_*). Nothing is left owed when the loop returns. */
 static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                          struct vmm_serve *s, char *err, size_t errlen)
 {
@@ -118,9 +150,9 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
     };
     nfds_t n = io->efd >= 0 ? 4 : 3;
     uint64_t io_errors = blk->io_errors;
-    int rc = 0, owed = 0, irqs = 0;
+    int rc = 0, owed = 0, irqs = 0, held_busy = 0;
     uint16_t owed_from = 0;
-    uint64_t deadline = 0;
+    uint64_t deadline = 0, halts = 0, now_halts = 0;
     s->stop = VMM_SERVE_STOP_CONTROL;
     io->lazy_min = s->lazy_min;
     for (;;) {
@@ -132,7 +164,16 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         int irq = 0;
         int r = vmm_blk_round(mem, vq, blk, io, &irq, err, errlen);
         if (irq && !owed) {
-            uint64_t delay = s->coalesce_min ? io->latency_ns >> s->coalesce_shift : 0;
+            uint64_t delay = 0;
+            held_busy = 0;
+            if (s->coalesce_min && vmm_blk_inflight(io)) {
+                if (s->nvcpus && !vmm_guest_waits(s, &halts)) {
+                    held_busy = 1;
+                    delay = io->latency_ns >> s->busy_shift;
+                } else if (vmm_blk_inflight(io) >= s->coalesce_min) {
+                    delay = io->latency_ns >> s->coalesce_shift;
+                }
+            }
             if (delay > s->coalesce_max_ns)
                 delay = s->coalesce_max_ns;
             owed = 1;
@@ -141,11 +182,22 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
             irqs = 0;
         }
         irqs += irq;
-        if (owed && (r < 0 || !deadline || vmm_blk_inflight(io) < s->coalesce_min || vmm_now_ns() >= deadline)) {
+        int go = 0;
+        if (owed) {
+            if (r < 0 || !deadline || !vmm_blk_inflight(io) || vmm_now_ns() >= deadline)
+                go = 1;
+            else if (held_busy)
+                go = vmm_guest_waits(s, &now_halts) || now_halts != halts;
+            else
+                go = vmm_blk_inflight(io) < s->coalesce_min;
+        }
+        if (go) {
             if (vmm_irq_still_wanted(mem, vq, owed_from)) {
                 vmm_irq_used(s->isr, s->irq_fd);
                 s->interrupts++;
-                s->coalesced += deadline && vq->next_used != (uint16_t)(owed_from + 1);
+                int more = deadline && vq->next_used != (uint16_t)(owed_from + 1);
+                s->coalesced += more;
+                s->busy_held += more && held_busy;
             }
             owed = 0;
         }
@@ -161,6 +213,8 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         struct timespec ts, *timeout = NULL;
         if (owed) {
             uint64_t now = vmm_now_ns(), left = deadline > now ? deadline - now : 0;
+            if (held_busy && left > s->busy_poll_ns)
+                left = s->busy_poll_ns;  /* to see the guest halt */
             ts.tv_sec = (time_t)(left / 1000000000ull);
             ts.tv_nsec = (long)(left % 1000000000ull);
             timeout = &ts;

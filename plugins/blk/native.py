@@ -65,6 +65,12 @@ COALESCE_MIN_INFLIGHT = 4
 COALESCE_SHIFT = 4
 COALESCE_FLOOR_NS = 20_000
 COALESCE_MAX_NS = 2_000_000
+#: While no vCPU of the guest is halted (it is busy, not waiting on the disk), an
+#: interrupt may wait with any request in flight, up to the average latency >>
+#: BUSY_SHIFT (a quarter), capped as above; the loop looks at the vCPUs again at
+#: least every BUSY_POLL_NS and raises it as soon as one halts.
+BUSY_SHIFT = 2
+BUSY_POLL_NS = 200_000
 
 _KINDS = {"uring": lib.VMM_IO_URING, "threads": lib.VMM_IO_THREADS, "sync": lib.VMM_IO_SYNC}
 _NAMES = {v: k for k, v in _KINDS.items()}
@@ -249,6 +255,7 @@ class NativeBlk:
             s.lazy_min = LAZY_KICK_INFLIGHT
             s.coalesce_min, s.coalesce_shift = COALESCE_MIN_INFLIGHT, COALESCE_SHIFT
             s.coalesce_floor_ns, s.coalesce_max_ns = COALESCE_FLOOR_NS, COALESCE_MAX_NS
+            s.busy_shift, s.busy_poll_ns = BUSY_SHIFT, BUSY_POLL_NS
             while True:
                 s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
                 rc = self._call(lib.vmm_blk_serve, memory, queue, s)
@@ -307,7 +314,7 @@ class NativeBlk:
                 "rw_requests": b.rw_requests, "rw_segments": b.rw_segments,
                 "io_errors": b.io_errors, "inflight": self.inflight,
                 "serve_wakeups": self._serve.wakeups, "serve_interrupts": self._serve.interrupts,
-                "serve_coalesced": self._serve.coalesced}
+                "serve_coalesced": self._serve.coalesced, "serve_busy_held": self._serve.busy_held}
 
     # ----- guest memory -----
     def _sync_memory(self, memory) -> None:

@@ -6,6 +6,7 @@ import os
 
 from .._native import ffi, lib
 from ..boot import layout
+from .stats import VcpuActivity
 from .system import KvmError, check
 
 
@@ -54,6 +55,8 @@ class KvmVm:
         self.vcpus = []
         #: Registers the vCPUs answer in C (see :class:`FastMmio`).
         self.fast_mmio = FastMmio()
+        #: Whether the vCPUs run or wait, for devices' C loops (see :class:`~vmmkit.kvm.stats.VcpuActivity`).
+        self.vcpu_activity = VcpuActivity()
 
     def setup_x86(self) -> None:
         """TSS and identity-map addresses (needed by Intel), the in-kernel irqchip and PIT."""
@@ -116,10 +119,12 @@ class KvmVm:
         from .vcpu import Vcpu
         vcpu = Vcpu(self, index)
         self.vcpus.append(vcpu)
+        self.vcpu_activity.add(vcpu.fd)
         return vcpu
 
     def close(self) -> None:
         """Close the VM and its vCPUs."""
+        self.vcpu_activity.close()
         for vcpu in self.vcpus:
             vcpu.close()
         if self.fd >= 0:

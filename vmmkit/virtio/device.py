@@ -30,11 +30,15 @@ class NativeInterrupt:
 
     ``isr``: the transport's InterruptStatus (a cffi ``uint32_t *``; set bit 0
     with an atomic OR, ``vmm_isr_or``). ``fd``: the irqfd eventfd to write 1
-    to afterwards. See ``native/virtio_serve.c``.
+    to afterwards. ``activity``: the VM's
+    :class:`~vmmkit.kvm.stats.VcpuActivity` when known, so that C can tell a
+    busy guest (an interrupt may wait) from a waiting one. See
+    ``native/virtio_serve.c``.
     """
 
     isr: Any
     fd: int
+    activity: Any = None
 
 
 @attrs.define(eq=False)

@@ -76,7 +76,8 @@ class VirtioMmioTransport:
         self.memory = memory
         self._irq = irq
         self._isr = ffi.new("uint32_t *")
-        self._native_irq = NativeInterrupt(self._isr, irq_fd) if irq_fd is not None else None
+        self._native_irq = NativeInterrupt(self._isr, irq_fd, getattr(kvm_vm, "vcpu_activity", None)) \
+            if irq_fd is not None else None
         # Register state belongs to the vCPU side. The device thread only raises
         # interrupts (atomic updates of InterruptStatus: no lock) and NEEDS_RESET
         # and config changes (under a lock of their own), so a reset that joins

@@ -92,4 +92,10 @@ def setup_serve(srv, memory, kick_fd: int, control_fds, interrupt) -> None:
     srv.kick_fd = kick_fd
     srv.stop_fd[0], srv.stop_fd[1] = control_fds
     srv.isr, srv.irq_fd = interrupt.isr, interrupt.fd
+    activity = interrupt.activity
+    if activity is not None and activity.known:
+        srv.vcpu_fds, srv.nvcpus = activity.c_fds, len(activity)
+        srv.blocking_off, srv.halts_off = activity.blocking_offset, activity.halts_offset
+    else:
+        srv.vcpu_fds, srv.nvcpus = ffi.NULL, 0
     srv.table_gen = memory.table_gen
