@@ -546,6 +546,18 @@ def print_counters(results: dict[str, list[dict]], mib: int, count: int) -> None
             if runs:
                 print(f"{f'{phase} per {unit}':<20}{vmm:<8}"
                       + "".join(f"{statistics.median(r[k] for r in runs) / n:>9.1f}" for k in kvmstats.FIELDS))
+    # A vCPU near 1.00 is saturated: the guest's CPU bounds the phase, and a VMM can only
+    # speed it up by costing the guest less (exits, interrupts).
+    print("\nThe VMM's CPU in each phase (medians over rounds): share of one CPU used by the vCPU thread "
+          "and by the other threads")
+    print(f"{'phase':<20}{'VMM':<8}{'vCPU':>8}{'others':>8}")
+    for phase in per:
+        for vmm in ("qemu", "vmmkit"):
+            shares = [kvmstats.busy(r["kvm"][phase]) for r in results[vmm]
+                      if "wall_ms" in r.get("kvm", {}).get(phase, {})]
+            if shares:
+                print(f"{phase:<20}{vmm:<8}{statistics.median(v for v, _ in shares):>8.2f}"
+                      f"{statistics.median(o for _, o in shares):>8.2f}")
 
 
 def log(msg: str) -> None:

@@ -67,9 +67,10 @@ COALESCE_FLOOR_NS = 20_000
 COALESCE_MAX_NS = 2_000_000
 #: While no vCPU of the guest is halted (it is busy, not waiting on the disk), an
 #: interrupt may wait with any request in flight, up to the average latency >>
-#: BUSY_SHIFT (a quarter), capped as above; the loop looks at the vCPUs again at
-#: least every BUSY_POLL_NS and raises it as soon as one halts.
-BUSY_SHIFT = 2
+#: BUSY_SHIFT (a half), capped as above; the loop looks at the vCPUs again at
+#: least every BUSY_POLL_NS and raises it as soon as one halts. In the lab a half
+#: took fewer exits per request than a quarter in every fio job (docs/benchmarks.md).
+BUSY_SHIFT = 1
 BUSY_POLL_NS = 200_000
 
 _KINDS = {"uring": lib.VMM_IO_URING, "threads": lib.VMM_IO_THREADS, "sync": lib.VMM_IO_SYNC}
