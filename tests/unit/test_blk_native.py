@@ -990,8 +990,13 @@ def test_coalesced_interrupts_deliver_every_completion(rigs, image, io, monkeypa
     for i in range(total):
         assert file_bytes(r.path, 8 * i * SECTOR, SECTOR) == bytes([i & 0xFF]) * SECTOR
     stats = r.dev.native.stats()
-    # Sync I/O is done before the interrupt falls due: nothing is left in flight to wait for.
-    assert (stats["serve_coalesced"] > 0) == (io != "sync"), stats
+    # An interrupt waits only with requests still in flight when it falls due. The thread pool
+    # finishes them one by one, so it always has some; io_uring may finish a whole batch at
+    # once (and sync I/O always does), so there it may never wait.
+    if io == "threads":
+        assert stats["serve_coalesced"] > 0, stats
+    elif io == "sync":
+        assert stats["serve_coalesced"] == 0, stats
     assert woken < total
 
 
@@ -1052,7 +1057,11 @@ def test_a_busy_guest_gets_its_completions_together(rigs, image, io, monkeypatch
     if blocking or io == "sync":  # sync I/O is done before the interrupt is due: nothing in flight to wait for
         assert stats["serve_busy_held"] == 0 and stats["serve_coalesced"] == 0, stats
     else:
-        assert stats["serve_busy_held"] > 0, stats
+        # Too few in flight for plain coalescing: whatever waited, waited for the busy guest. The
+        # thread pool finishes a pair one by one, so there the first always waits for the second
+        # (io_uring may finish both at once).
         assert stats["serve_busy_held"] == stats["serve_coalesced"], stats
+        if io == "threads":
+            assert stats["serve_busy_held"] > 0, stats
     r.close()  # the device's loop reads the statistics until it stops
     activity.close()
