@@ -134,7 +134,7 @@ struct vmm_vsock_serve {
     struct vmm_serve srv; int rx_kick_fd; int py_fd; uint64_t guest_cid; uint32_t buf_alloc;
     uint32_t credit_below; uint32_t max_payload; uint32_t max_packets; struct vmm_vsock_lconn *conns;
     uint32_t nconns; struct vmm_vsock_conn *tx_table; uint8_t *spill; struct pollfd *pfd;
-    uint64_t tx_irq_defer_ns; uint32_t rx_hold_bytes; uint64_t rx_hold_ns; int32_t conn; int32_t spill_conn; uint32_t spill_len; int32_t err_no;
+    uint64_t tx_irq_defer_ns; int32_t conn; int32_t spill_conn; uint32_t spill_len; int32_t err_no;
 };
 int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_vq *txq, struct vmm_vsock_serve *v,
                     char *err, size_t errlen);

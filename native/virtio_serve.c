@@ -281,11 +281,6 @@ struct vmm_vsock_serve {
     uint8_t *spill;             /* max_payload bytes */
     struct pollfd *pfd;         /* 5 + nconns entries of scratch */
     uint64_t tx_irq_defer_ns;   /* how long a tx-only interrupt may wait for an rx one (0: never) */
-    /* While the guest is busy (srv.vcpu_fds: no vCPU halted), an rx interrupt
-     * after a burst of at least rx_hold_bytes may wait up to rx_hold_ns (0:
-     * never) for the guest to halt; srv.busy_poll_ns as for blk. */
-    uint32_t rx_hold_bytes;
-    uint64_t rx_hold_ns;
     /* out, for VMM_SERVE_STOP_PYTHON */
     int32_t conn;               /* the connection whose stream ended or failed (-1: none) */
     int32_t spill_conn;         /* as vmm_vsock_tx: a socket took part of a packet */
@@ -371,19 +366,8 @@ static uint32_t vmm_vsock_tx_backlog(struct vmm_mem *mem, struct vmm_vq *vq)
  * which comes on rx), so while the driver has few of them to take back it
  * waits, up to tx_irq_defer_ns, for the next rx interrupt to carry it: an
  * echo's reply, the next data, a credit update. A request and its answer
- * then cost the guest one interrupt, not two. And while the guest is busy
- * (no vCPU halted), an interrupt for a bulk burst of rx data waits, up to
- * rx_hold_ns, until a vCPU halts: the guest is still working through what
- * it was given, and takes the next data in one go when it is done. Small
- * packets (a request, an answer) go at once. Nothing is left owed on
+ * then cost the guest one interrupt, not two. Nothing is left owed on
  * return. */
-/* Whether an rx interrupt may be held for a busy guest: the feature is on,
- * the vCPUs can be seen, and the round moved a bulk burst of data. */
-static int vmm_vsock_rx_hold_ok(const struct vmm_vsock_serve *v, uint64_t rx_bytes)
-{
-    return v->rx_hold_ns && v->srv.nvcpus && v->rx_hold_bytes && rx_bytes >= v->rx_hold_bytes;
-}
-
 static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_vq *txq, struct vmm_vsock_serve *v,
                            char *err, size_t errlen)
 {
@@ -408,8 +392,8 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
     p[2] = (struct pollfd){.fd = v->py_fd, .events = POLLIN};
     p[3] = (struct pollfd){.fd = v->rx_kick_fd, .events = POLLIN};
     p[4] = (struct pollfd){.fd = s->kick_fd, .events = POLLIN};
-    int tx_owed = 0, rx_held = 0, rc = 0;
-    uint64_t tx_deadline = 0, rx_deadline = 0, halts = 0, now_halts = 0;
+    int tx_owed = 0, rc = 0;
+    uint64_t tx_deadline = 0;
     for (;;) {
         if (s->table_gen && __atomic_load_n(s->table_gen, __ATOMIC_ACQUIRE) != s->mem_gen) {
             s->stop = VMM_SERVE_STOP_RECALL;
@@ -442,7 +426,6 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
             s->stop = VMM_SERVE_STOP_PYTHON;
         }
         /* Host -> guest: data within the guest's credit, and credit updates. */
-        uint64_t rx_bytes = 0;
         for (uint32_t i = 0; i < v->nconns && !rx_empty && s->stop == VMM_SERVE_STOP_CONTROL; i++) {
             struct vmm_vsock_lconn *c = &v->conns[i];
             uint32_t credit = vmm_vsock_credit(c);
@@ -455,7 +438,6 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
                     goto broken;
                 irq |= r;
                 if (rx.packets) {
-                    rx_bytes += rx.bytes;
                     c->rx_cnt += (uint32_t)rx.bytes;
                     c->last_fwd_sent = c->fwd_cnt;  /* every header carried it */
                     c->owe_credit = 0;
@@ -501,20 +483,6 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
         if (tx_owed && !irq && (!v->tx_irq_defer_ns || s->stop != VMM_SERVE_STOP_CONTROL
                                 || vmm_vsock_tx_backlog(mem, txq) >= txq->size / 4 || vmm_now_ns() >= tx_deadline))
             irq = 1;
-        if (irq && !rx_held && vmm_vsock_rx_hold_ok(v, rx_bytes) && !vmm_guest_waits(s, &halts)) {
-            rx_held = 1;
-            rx_deadline = vmm_now_ns() + v->rx_hold_ns;
-        }
-        if (rx_held) {
-            if (s->stop != VMM_SERVE_STOP_CONTROL || vmm_now_ns() >= rx_deadline
-                || vmm_guest_waits(s, &now_halts) || now_halts != halts) {
-                irq = 1;
-                rx_held = 0;
-                s->busy_held++;
-            } else {
-                irq = 0;
-            }
-        }
         if (irq) {
             vmm_irq_used(s->isr, s->irq_fd);
             s->interrupts++;
@@ -534,13 +502,8 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
             p[n++] = (struct pollfd){.fd = want ? c->fd : -1, .events = POLLIN};
         }
         struct timespec ts = {0, 0}, *timeout = busy ? &ts : NULL;
-        if ((tx_owed || rx_held) && !busy) {
-            uint64_t now = vmm_now_ns(), until = rx_held ? now + s->busy_poll_ns : UINT64_MAX;
-            if (rx_held && rx_deadline < until)
-                until = rx_deadline;
-            if (tx_owed && tx_deadline < until)
-                until = tx_deadline;
-            uint64_t left = until > now ? until - now : 0;
+        if (tx_owed && !busy) {
+            uint64_t now = vmm_now_ns(), left = tx_deadline > now ? tx_deadline - now : 0;
             ts.tv_sec = (time_t)(left / 1000000000ull);
             ts.tv_nsec = (long)(left % 1000000000ull);
             timeout = &ts;
@@ -575,7 +538,7 @@ broken:
     s->stop = VMM_SERVE_STOP_BROKEN;
     rc = -1;
 out:
-    if (tx_owed || rx_held) {
+    if (tx_owed) {
         vmm_irq_used(s->isr, s->irq_fd);
         s->interrupts++;
     }

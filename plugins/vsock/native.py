@@ -91,14 +91,6 @@ class ServeResult(NamedTuple):
 #: an rx interrupt to go with it (``native/virtio_serve.c``): the driver only
 #: frees those buffers on it, so a request and its answer cost one interrupt.
 TX_IRQ_DEFER_NS = 5_000_000
-#: While the guest is busy (no vCPU halted: KVM's statistics, see
-#: vmmkit/kvm/stats.py), an rx interrupt after a burst of at least RX_HOLD_BYTES
-#: may wait up to RX_HOLD_NS for a vCPU to halt, looked at every BUSY_POLL_NS:
-#: a guest still working through its data takes the next in one go, with one
-#: interrupt. Small packets (requests, answers) never wait.
-RX_HOLD_BYTES = 16 << 10
-RX_HOLD_NS = 1_000_000
-BUSY_POLL_NS = 200_000
 
 STOP_CONTROL = lib.VMM_SERVE_STOP_CONTROL
 STOP_RECALL = lib.VMM_SERVE_STOP_RECALL
@@ -145,11 +137,6 @@ class NativeVsockPath:
     def serve_coalesced(self) -> int:
         """Interrupts for used tx buffers that waited and went with an rx one."""
         return self._serve.srv.coalesced
-
-    @property
-    def serve_busy_held(self) -> int:
-        """rx interrupts that waited for a busy guest to halt (RX_HOLD_NS)."""
-        return self._serve.srv.busy_held
 
     def forget(self) -> None:
         """Drop the memory table (the device was reset; nothing of ours runs in C now)."""
@@ -236,7 +223,6 @@ class NativeVsockPath:
         v.conns, v.nconns, v.tx_table, v.spill = table, n, self._conns, self._spill
         v.pfd = ffi.cast("struct pollfd *", self._pfd)
         v.tx_irq_defer_ns = TX_IRQ_DEFER_NS
-        v.rx_hold_bytes, v.rx_hold_ns, srv.busy_poll_ns = RX_HOLD_BYTES, RX_HOLD_NS, BUSY_POLL_NS
         while True:
             srv.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
             self._nmem.sync(memory)

@@ -1066,52 +1066,6 @@ def test_loop_lets_a_tx_interrupt_wait_for_the_answer(virtio_harness, uds, monke
     assert device._native.serve_coalesced >= 3
 
 
-def test_loop_holds_a_bulk_rx_interrupt_while_the_guest_is_busy(virtio_harness, uds, monkeypatch, tmp_path):
-    # While no vCPU is halted, the interrupt for a burst of bulk data waits for one to halt;
-    # a small packet's goes at once. The vCPU is a statistics file the test writes.
-    import os
-    import struct as _struct
-    from tests.unit.test_kvm_stats import stats_file
-    from vmmkit.kvm.stats import KvmStats, VcpuActivity
-    from vmmkit.virtio import mmio
-    from vmmkit.virtio.device import NativeInterrupt
-    from vmmkit_plugins.vsock import native as vsock_native
-    monkeypatch.setattr(vsock_native, "RX_HOLD_NS", 60 * 10**9)
-    monkeypatch.setattr(vsock_native, "BUSY_POLL_NS", 1_000_000)
-    activity = VcpuActivity()
-    activity.add_stats(KvmStats(stats_file(tmp_path, {"blocking": 0, "halt_exits": 5})))
-    monkeypatch.setattr(mmio, "NativeInterrupt", lambda isr, fd, _a=None: NativeInterrupt(isr, fd, activity))
-
-    def set_blocking(value):
-        os.pwrite(activity.c_fds[0], _struct.pack("<Q", value), activity.blocking_offset)
-
-    device, bench, guest, s, host_port, port = connected_with_event_idx(virtio_harness, uds, "native-loop")
-    irqfd = bench._irqfd
-    wait_for(lambda: device.stats.get("loop_rounds", 0) > 0, "the C loop to serve")
-    irqfd.drain()
-    data = os.urandom(vsock_native.RX_HOLD_BYTES + 8192)
-    s.sendall(data)
-    wait_for(lambda: (guest._collect(), sum(len(p.data) for p in guest.inbox) >= len(data))[1],
-             "the data in the rx ring")
-    time.sleep(0.2)
-    assert irqfd.drain() == 0, "the bulk data's interrupt did not wait for the busy guest"
-    set_blocking(1)  # the guest halts: the interrupt goes
-    wait_for(lambda: irqfd.drain(), "the held interrupt once the guest halted")
-    assert b"".join(p.data for p in guest.inbox if p.op == RW) == data
-    assert device._native.serve_busy_held >= 1
-    guest.inbox.clear()
-    guest.post_rx(16)
-
-    set_blocking(0)  # busy again, but a small packet is not held
-    held = device._native.serve_busy_held
-    s.sendall(b"ping")
-    wait_for(lambda: irqfd.drain(), "the small packet's interrupt")
-    assert guest.recv_op(RW).data == b"ping"
-    assert device._native.serve_busy_held == held
-    bench.close()
-    activity.close()
-
-
 def test_loop_does_not_let_a_tx_interrupt_wait_when_the_driver_has_many_to_free(virtio_harness, uds, monkeypatch):
     # A driver that has a quarter of its tx ring to take back gets its interrupt at once: it
     # may be about to run out of ring.
