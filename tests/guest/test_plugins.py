@@ -1,6 +1,7 @@
 """Plugins on a real guest: a pip-installed third-party device, a broken plugin, a VMM assembled in Python."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -11,10 +12,26 @@ pytestmark = pytest.mark.guest
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def run_killing_the_group(argv, *, timeout, **kw):
+    """subprocess.run in a session of its own: on timeout its whole group goes, and what it printed is kept.
+
+    (run() kills only the child, then waits for ever on pipes its children still hold.)
+    """
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kw)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(argv)} did not end within {timeout}s; its output:\n{out}\n{err}")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 def test_third_party_rng_plugin_serves_hwrng_in_the_guest(rng_plugin):
     # The example's own guest test, run the way its author runs it (vmmkit's fixtures do the booting).
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "guest", "tests"],
-                          cwd=rng_plugin, capture_output=True, text=True, timeout=600)
+    proc = run_killing_the_group([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "guest",
+                                  "tests"], cwd=rng_plugin, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "1 passed" in proc.stdout
 
