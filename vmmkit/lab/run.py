@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 from ..errors import VmmkitError
 from ..guest.rootfs import find_tool
@@ -59,6 +60,7 @@ class WedgeWatch:
 # module once instead of on every Python start (about ten times slower there than on the host).
 _SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_", "PYTHONDONTWRITEBYTECODE"}
 SCRATCH_MOUNT = "/scratch"
+STALL_POLL = 5.0  # seconds between looks at a stall-watched file
 SCRATCH_DEVICE = "/dev/vda"  # the lab's only virtio-blk disk
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Host-side cache and aio modes for the scratch disk, best first: O_DIRECT with
@@ -166,14 +168,57 @@ def _pump(src, sink) -> None:
         sink(chunk)
 
 
+def _mtime(path: str) -> float | None:
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return None
+
+
+def _wait_watching(proc, timeout: float | None, stall: tuple[str, float] | None) -> float | None:
+    """Wait for *proc* until *timeout*; with *stall*, stop waiting once its file has not changed for that long.
+
+    Returns the seconds without progress when it stalled, else None (*proc*
+    ended, or the timeout passed while it still runs).
+    """
+    start = time.monotonic()
+    if stall is None:
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        return None
+    path, seconds = stall
+    seen, since = _mtime(path), start
+    while proc.poll() is None:
+        now = time.monotonic()
+        if timeout is not None and now - start >= timeout:
+            return None
+        mtime = _mtime(path)
+        if mtime != seen:
+            seen, since = mtime, now
+        elif now - since >= seconds:
+            return now - since
+        try:
+            proc.wait(timeout=min(STALL_POLL, seconds))
+        except subprocess.TimeoutExpired:
+            pass
+    return None
+
+
 def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", cpus: int = 2,
                timeout: float | None = None, cwd: str | None = None, env: dict | None = None,
-               stdout=None, stderr=None, progress=None, scratch: str | int | None = None) -> int:
+               stdout=None, stderr=None, progress=None, scratch: str | int | None = None,
+               stall: tuple[str, float] | None = None) -> int:
     """Run *argv* in the lab; return its exit status (LAB_FAILED when the lab broke).
 
     *shares* are host directories made writable inside the lab at the same path.
     *scratch* (a size: bytes, or text such as ``"4G"``) attaches a fresh ext4
-    disk mounted at /scratch inside; it is deleted afterwards.
+    disk mounted at /scratch inside; it is deleted afterwards. *stall*
+    ``(path, seconds)``: the command writes *path* (in a share) as it makes
+    progress; when it has not changed for *seconds*, the lab is taken to be
+    hung (a lab whose processes wait for ever shows no other sign) and is
+    stopped, and the run counts as failed.
     """
     if not argv:
         raise LabError("nothing to run: give a command after '--', e.g. vmmkit lab -- uname -a")
@@ -236,12 +281,14 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
         for t in threads:
             t.start()
         timed_out = False
+        stalled: float | None = None
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            proc.kill()
-            proc.wait()
+            stalled = _wait_watching(proc, timeout, stall)
+            if stalled is None and proc.poll() is None:
+                timed_out = True
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGTERM)
             proc.wait()
@@ -253,13 +300,15 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
             os.close(err_r)
         console.close()
         status_file = os.path.join(rundir, "status")
-        if not timed_out and not wedge.report and os.path.exists(status_file):
+        if not timed_out and stalled is None and not wedge.report and os.path.exists(status_file):
             with open(status_file) as f:
                 text = f.read().strip()
             if text.isdigit():
                 return int(text)
         if wedge.report:
             why = f"wedged ({wedge.report}), so it was stopped"
+        elif stalled is not None:
+            why = f"made no progress for {stalled:.0f}s ({stall[0]} unchanged), so it was stopped"
         elif timed_out:
             why = f"timed out after {timeout:.0f}s"
         else:

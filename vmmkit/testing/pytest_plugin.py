@@ -43,6 +43,8 @@ def pytest_addoption(parser):
                     help="where guest tests run: 'auto' uses the KVM lab only when this host's KVM "
                     "cannot boot a stock kernel; 'always' forces the lab; 'never' runs them here")
     group.addoption("--lab-timeout", type=float, default=2400.0, help="seconds before the lab session is killed")
+    group.addoption("--lab-stall", type=float, default=720.0,
+                    help="seconds without a guest test phase ending before the lab counts as hung and is killed")
     group.addoption(REPORT_OPT, default=None, help=argparse.SUPPRESS)
 
 
@@ -185,8 +187,11 @@ class _LabSession:
         if tr is not None:
             tr.write_sep("=", f"running {len(nodeids)} guest tests in the KVM lab")
         try:
+            # The lab's pytest rewrites the report at every test phase: a lab whose processes hang
+            # (seen: the lab idle, a test waiting for ever) stops writing it, and is stopped.
             self.status = run_in_lab(argv, shares=[outdir], timeout=self.config.getoption("--lab-timeout"),
-                                     cwd=str(self.config.rootpath), stdout=Out(), stderr=Out())
+                                     cwd=str(self.config.rootpath), stdout=Out(), stderr=Out(),
+                                     stall=(report, self.config.getoption("--lab-stall")))
         except LabError as exc:
             self.status = -1
             self.error = str(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import select
 import shutil
 import subprocess
 import time
@@ -87,13 +88,15 @@ def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> Exec
     try:
         deadline = started + timeout
         while True:
+            # Wait with the deadline: a guest that hangs silently sends nothing to read.
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                proc.kill()
+                break
             chunk = os.read(proc.stdout.fileno(), 65536)
             if not chunk:
                 break
             stream.feed(chunk)
-            if time.monotonic() > deadline:
-                proc.kill()
-                break
         proc.wait()
     finally:
         if proc.poll() is None:
