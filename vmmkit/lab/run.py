@@ -60,8 +60,8 @@ class WedgeWatch:
 # module once instead of on every Python start (about ten times slower there than on the host).
 _SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_", "PYTHONDONTWRITEBYTECODE"}
 SCRATCH_MOUNT = "/scratch"
-STALL_POLL = 5.0  # seconds between looks at a stall-watched file
 SCRATCH_DEVICE = "/dev/vda"  # the lab's only virtio-blk disk
+STALL_POLL = 5.0  # seconds between looks at a stall-watched file (run_in_lab(stall=...))
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Host-side cache and aio modes for the scratch disk, best first: O_DIRECT with
 # io_uring; thread-pool aio where io_uring is refused (seccomp, old kernel, a
