@@ -81,6 +81,7 @@ struct vmm_blk {
     uint64_t io_errors; int last_errno; uint64_t bounced; uint64_t requests; uint32_t max_inflight;
     uint32_t mem_align;
     uint64_t started; uint64_t inflight_sum; uint64_t rw_requests; uint64_t rw_segments;
+    uint64_t pool_delay_ns;
 };
 struct vmm_blk_io;
 int vmm_bitmap_set_range(uint8_t *bm, uint64_t len, uint64_t first, uint64_t last);
@@ -119,8 +120,9 @@ struct vmm_serve {
     uint32_t lazy_min; uint32_t coalesce_min; uint32_t coalesce_shift; uint64_t coalesce_floor_ns;
     uint64_t coalesce_max_ns;
     const int32_t *vcpu_fds; uint32_t nvcpus; uint32_t blocking_off; uint32_t halts_off; uint32_t busy_shift;
-    uint64_t busy_poll_ns;
+    uint64_t busy_poll_ns; uint32_t busy_lazy;
     int32_t stop; uint64_t wakeups; uint64_t interrupts; uint64_t coalesced; uint64_t busy_held;
+    uint64_t busy_unarmed;
 };
 int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                   struct vmm_serve *s, char *err, size_t errlen);

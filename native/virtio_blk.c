@@ -131,6 +131,7 @@ struct vmm_blk {
     uint64_t inflight_sum;      /* over those: requests in flight as each was taken (itself included) */
     uint64_t rw_requests;       /* reads and writes started */
     uint64_t rw_segments;       /* over those: host iovecs, after guest pages that are adjacent were joined */
+    uint64_t pool_delay_ns;     /* tests: a slow disk (the thread pool sleeps this long before each request) */
 };
 
 struct vmm_desc {
@@ -660,6 +661,7 @@ struct vmm_blk_io {
     uint32_t late_writes;       /* io_uring: writes finished synchronously after their CQE */
     int starved;                /* the last submit left chains posted for want of a free slot */
     uint32_t lazy_min;          /* don't ask for kicks while this many requests are in flight (0: always ask) */
+    int lazy_busy;              /* the guest is busy: don't ask for kicks while any request is in flight */
     int armed;                  /* the last submit asked for a kick (avail_event) and found nothing more */
     uint64_t now;               /* CLOCK_MONOTONIC ns of the current submit or complete call */
     uint64_t latency_ns;        /* moving average of request latency, ring to used entry (0: none yet) */
@@ -758,6 +760,11 @@ static void *vmm_pool_worker(void *arg)
         pthread_mutex_unlock(&io->lock);
         if (blk->direct && !bounce && posix_memalign((void **)&bounce, 4096, blen))
             bounce = NULL;
+        if (blk->pool_delay_ns) {
+            struct timespec d = {(time_t)(blk->pool_delay_ns / 1000000000ull), (long)(blk->pool_delay_ns % 1000000000ull)};
+            while (nanosleep(&d, &d) && errno == EINTR)
+                ;
+        }
         vmm_req_run(blk, bounce, bounce ? blen : 0, rq);
         pthread_mutex_lock(&io->lock);
         io->running--;
@@ -1416,7 +1423,8 @@ static int vmm_blk_submit(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk
         if (!pending) {
             /* With enough requests in flight, their completions bring us back
              * here soon: no kick is needed, and each costs the guest an exit. */
-            if (io->lazy_min && vq->event_idx && vmm_blk_inflight(io) >= io->lazy_min)
+            if (vq->event_idx && ((io->lazy_min && vmm_blk_inflight(io) >= io->lazy_min)
+                                  || (io->lazy_busy && vmm_blk_inflight(io))))
                 break;
             /* Ask for a notification past what was taken, then look again:
              * a driver that posted meanwhile may have read the old value. */

@@ -55,12 +55,18 @@ struct vmm_serve {
     uint32_t halts_off;
     uint32_t busy_shift;
     uint64_t busy_poll_ns;
+    /* blk: while the guest is busy (as above, and no halt since the last
+     * look), ask for no kick with any request in flight: its completion
+     * brings the loop back to the ring, and so does a look every
+     * busy_poll_ns, which asks for kicks again once a vCPU halts. */
+    uint32_t busy_lazy;
     /* out */
     int32_t stop;               /* VMM_SERVE_STOP_* */
     uint64_t wakeups;
     uint64_t interrupts;
     uint64_t coalesced;         /* interrupts that waited and took more completions with them */
     uint64_t busy_held;         /* of the interrupts that waited, those held because the guest was busy */
+    uint64_t busy_unarmed;      /* rounds that asked for no kick because the guest was busy */
 };
 
 #define VMM_SERVE_STOP_CONTROL 0    /* kill or pause: Python's turn */
@@ -152,7 +158,7 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
     uint64_t io_errors = blk->io_errors;
     int rc = 0, owed = 0, irqs = 0, held_busy = 0;
     uint16_t owed_from = 0;
-    uint64_t deadline = 0, halts = 0, now_halts = 0;
+    uint64_t deadline = 0, halts = 0, now_halts = 0, lazy_halts = UINT64_MAX;
     s->stop = VMM_SERVE_STOP_CONTROL;
     io->lazy_min = s->lazy_min;
     for (;;) {
@@ -162,7 +168,19 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         }
         uint16_t from = vq->signalled_used;
         int irq = 0;
+        /* Busy: no vCPU blocks now, and none halted since the last look (a
+         * halt in between may have been the guest waiting on a request it
+         * posted without a kick). */
+        io->lazy_busy = 0;
+        if (s->busy_lazy && s->nvcpus) {
+            uint64_t h;
+            int busy = !vmm_guest_waits(s, &h);
+            io->lazy_busy = busy && h == lazy_halts;
+            lazy_halts = busy ? h : UINT64_MAX;
+        }
         int r = vmm_blk_round(mem, vq, blk, io, &irq, err, errlen);
+        int unarmed = io->lazy_busy && !io->armed && vmm_blk_inflight(io);
+        s->busy_unarmed += unarmed;
         if (irq && !owed) {
             uint64_t delay = 0;
             held_busy = 0;
@@ -211,9 +229,13 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
             break;
         }
         struct timespec ts, *timeout = NULL;
-        if (owed) {
-            uint64_t now = vmm_now_ns(), left = deadline > now ? deadline - now : 0;
-            if (held_busy && left > s->busy_poll_ns)
+        if (owed || unarmed) {
+            uint64_t left = UINT64_MAX;
+            if (owed) {
+                uint64_t now = vmm_now_ns();
+                left = deadline > now ? deadline - now : 0;
+            }
+            if ((unarmed || held_busy) && left > s->busy_poll_ns)
                 left = s->busy_poll_ns;  /* to see the guest halt */
             ts.tv_sec = (time_t)(left / 1000000000ull);
             ts.tv_nsec = (long)(left % 1000000000ull);
@@ -242,6 +264,7 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
      * not wait for a completion that may never come: kick ourselves, so the
      * worker looks at the ring again when it gets back to serving. */
     io->lazy_min = 0;
+    io->lazy_busy = 0;
     if (!rc && !io->armed)
         vmm_efd_signal(s->kick_fd);
     return rc;

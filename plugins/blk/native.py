@@ -72,6 +72,13 @@ COALESCE_MAX_NS = 2_000_000
 #: took fewer exits per request than a quarter in every fio job (docs/benchmarks.md).
 BUSY_SHIFT = 1
 BUSY_POLL_NS = 200_000
+#: While the guest is busy (as above), the loop asks for no kick with any
+#: request in flight (not only LAZY_KICK_INFLIGHT): the completion brings it
+#: back to the ring, and so does its look at the vCPUs every BUSY_POLL_NS,
+#: which asks for kicks again as soon as one halts. A guest that keeps one or
+#: two requests in flight (random I/O on a saturated vCPU) then posts most of
+#: them without an exit.
+BUSY_LAZY_KICK = True
 
 _KINDS = {"uring": lib.VMM_IO_URING, "threads": lib.VMM_IO_THREADS, "sync": lib.VMM_IO_SYNC}
 _NAMES = {v: k for k, v in _KINDS.items()}
@@ -257,6 +264,7 @@ class NativeBlk:
             s.coalesce_min, s.coalesce_shift = COALESCE_MIN_INFLIGHT, COALESCE_SHIFT
             s.coalesce_floor_ns, s.coalesce_max_ns = COALESCE_FLOOR_NS, COALESCE_MAX_NS
             s.busy_shift, s.busy_poll_ns = BUSY_SHIFT, BUSY_POLL_NS
+            s.busy_lazy = bool(BUSY_LAZY_KICK)
             while True:
                 s.mem_gen = memory.table_gen[0]  # read before the view is built: a change after is seen
                 rc = self._call(lib.vmm_blk_serve, memory, queue, s)
@@ -315,7 +323,8 @@ class NativeBlk:
                 "rw_requests": b.rw_requests, "rw_segments": b.rw_segments,
                 "io_errors": b.io_errors, "inflight": self.inflight,
                 "serve_wakeups": self._serve.wakeups, "serve_interrupts": self._serve.interrupts,
-                "serve_coalesced": self._serve.coalesced, "serve_busy_held": self._serve.busy_held}
+                "serve_coalesced": self._serve.coalesced, "serve_busy_held": self._serve.busy_held,
+                "serve_busy_unarmed": self._serve.busy_unarmed}
 
     # ----- guest memory -----
     def _sync_memory(self, memory) -> None:

@@ -1065,3 +1065,56 @@ def test_a_busy_guest_gets_its_completions_together(rigs, image, io, monkeypatch
             assert stats["serve_busy_held"] > 0, stats
     r.close()  # the device's loop reads the statistics until it stops
     activity.close()
+
+
+@pytest.mark.parametrize("blocking", [False, True], ids=["busy", "waiting"])
+def test_a_busy_guest_posts_without_kicks(rigs, image, monkeypatch, tmp_path, blocking):
+    """With a request in flight, a busy guest is asked for no kick; a waiting one is, after every round.
+
+    The thread pool stands in for a slow disk (2 ms a request), and the driver
+    keeps two requests in flight half a request apart, posting the next as
+    each comes back and kicking only when the device asked for it: a request
+    the device failed to find by itself would never be answered, and the
+    test fails on the 10 s wait. Interrupts are not held here, so that each
+    completion comes back alone.
+    """
+    import select
+    import time
+    from vmmkit_plugins.blk import native as blk_native
+    monkeypatch.setattr(blk_native, "BUSY_SHIFT", 63)
+    activity = _fake_activity(tmp_path, monkeypatch, blocking)
+    r = rigs(image, engine="native-loop", io="threads", event_idx=True)
+    r.dev.native._blk.pool_delay_ns = 2_000_000
+    total, posted, got, kicks = 60, [], [], 0
+
+    def post():
+        nonlocal kicks
+        i = len(posted)
+        posted.append(r.post(T_OUT, 8 * i, bytes([i & 0xFF]) * SECTOR))
+        if r.q.kick_prepare():
+            r.drv.notify(0)
+            kicks += 1
+
+    post()
+    time.sleep(0.001)
+    post()
+    while len(got) < total:
+        ready, _, _ = select.select([r.irqfd.fd], [], [], 10)
+        assert ready, f"no interrupt for 10 s with {len(got)} of {total} answered; stats {r.dev.native.stats()}"
+        r.irqfd.drain()
+        r.drv.ack_interrupt(r.drv.interrupt_status())
+        while new := r.q.get_used():
+            got.extend(new)
+            for _ in new:
+                if len(posted) < total:
+                    post()
+    assert sorted(h for h, _ in got) == sorted(posted)
+    for i in range(total):
+        assert file_bytes(r.path, 8 * i * SECTOR, SECTOR) == bytes([i & 0xFF]) * SECTOR
+    stats = r.dev.native.stats()
+    if blocking:
+        assert stats["serve_busy_unarmed"] == 0 and kicks > total // 2, (kicks, stats)
+    else:
+        assert stats["serve_busy_unarmed"] > 0 and kicks < total // 8, (kicks, stats)
+    r.close()  # the device's loop reads the statistics until it stops
+    activity.close()
