@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
 import stat
 import statistics
@@ -55,6 +56,9 @@ JOBS = (
 # Fields of fio's terse (--minimal, version 3) lines, 1-based as `cut` counts:
 # job name, error, read KiB/s, read IOPS, write KiB/s, write IOPS.
 TERSE_FIELDS = (3, 5, 7, 8, 48, 49)
+#: Runs (one VMM, one round) that may fail and run again before the benchmark gives up: now
+#: and then a guest in the lab hangs at boot, and the rounds already measured should not be lost.
+RUN_RETRIES = 2
 GUEST_DISK = "/dev/vda"
 MiB = 1 << 20
 
@@ -182,27 +186,45 @@ def host_fio(tmp: str) -> tuple[list[str], str | None]:
     return fio_from_guest(root), root
 
 
+def read_output(proc: subprocess.Popen, timeout: float, sink) -> tuple[bytes, bool]:
+    """Read *proc*'s stdout to its end, also into *sink* (its ``write``), and wait for it.
+
+    Returns the output and whether *timeout* seconds passed first; the process is
+    then killed. The wait is on the pipe, not on the next byte: a guest that hangs
+    silently sends nothing.
+    """
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    ended = timed_out = False
+    try:
+        while True:
+            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                timed_out = True
+                break
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                ended = True
+                break
+            out += chunk
+            sink.write(chunk)
+    finally:
+        if not ended:  # timed out, or the sink raised
+            proc.kill()
+        proc.wait()
+    return bytes(out), timed_out
+
+
 def run_vmmkit(config: str, command: str, timeout: float, watcher: kvmstats.MarkWatcher) -> str:
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen([sys.executable, "-m", "vmmkit", "run", config, "--exec", command],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
         watcher.pid = proc.pid
-        out = bytearray()
-        deadline = time.monotonic() + timeout
-        try:
-            while chunk := os.read(proc.stdout.fileno(), 65536):
-                out += chunk
-                watcher.write(chunk)
-                if time.monotonic() > deadline:
-                    raise subprocess.TimeoutExpired(proc.args, timeout)
-            proc.wait()
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        out, timed_out = read_output(proc, timeout, watcher)
         err.seek(0)
-        if proc.returncode != 0:
-            raise RuntimeError(f"vmmkit exited with {proc.returncode}:\n{out.decode(errors='replace')[-2000:]}\n"
+        if timed_out or proc.returncode != 0:
+            why = f"did not end within {timeout:.0f}s" if timed_out else f"exited with {proc.returncode}"
+            raise RuntimeError(f"vmmkit {why}:\n{out.decode(errors='replace')[-2000:]}\n"
                                f"{err.read().decode(errors='replace')[-3000:]}")
     return out.decode(errors="replace")
 
@@ -240,7 +262,8 @@ def benchmark(opts) -> int:
             if opts.engine:
                 f.write(f'engine = {json.dumps(opts.engine)}\n')
         command = guest_command(opts.runtime)
-        timeout = 600 + 20 * opts.runtime * len(JOBS)
+        # A run takes a boot (under a minute even in a busy lab) and the jobs.
+        timeout = 240 + 4 * opts.runtime * len(JOBS)
         results: dict[str, list[dict[str, float]]] = {"vmmkit": [], "qemu": []}
         counters: dict[str, list[dict[str, dict[str, float]]]] = {"vmmkit": [], "qemu": []}
         why_not = kvmstats.available()
@@ -248,12 +271,23 @@ def benchmark(opts) -> int:
             log(f"no KVM counters in this run: {why_not}")
         runners = {"vmmkit": lambda w: run_vmmkit(config, command, timeout, w),
                    "qemu": lambda w: run_qemu(image, aio, command, timeout, w)}
+        failed = 0
         for i in range(opts.rounds):
             order = ["vmmkit", "qemu"] if i % 2 == 0 else ["qemu", "vmmkit"]
             for name in order:
-                t0 = time.monotonic()
-                watcher = kvmstats.MarkWatcher(reader=None if why_not else kvmstats.read)
-                results[name].append(parse(runners[name](watcher), cut=True))
+                while True:
+                    t0 = time.monotonic()
+                    watcher = kvmstats.MarkWatcher(reader=None if why_not else kvmstats.read)
+                    try:
+                        values = parse(runners[name](watcher), cut=True)
+                        break
+                    except RuntimeError as exc:
+                        failed += 1
+                        if failed > RUN_RETRIES:
+                            raise
+                        log(f"round {i + 1} {name} failed after {time.monotonic() - t0:.0f}s "
+                            f"({failed} of {RUN_RETRIES} retries used), running it again:\n{str(exc)[-3000:]}")
+                results[name].append(values)
                 counters[name].append(job_counters(watcher))
                 log(f"round {i + 1} {name}: {describe(results[name][-1])} ({time.monotonic() - t0:.0f}s)")
         fio = unpacked_fio(opts.fio_root) if opts.fio_root else host_fio(tmp)[0]

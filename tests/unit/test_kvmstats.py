@@ -110,3 +110,31 @@ def test_job_counters_give_the_cpu_shares_when_the_readings_have_them():
     got = blk.job_counters(w)["seqread"]
     assert got["vcpu_busy"] == pytest.approx(0.9) and got["vmm_busy"] == pytest.approx(0.2)
     assert got["guest_ms"] == pytest.approx(15.0) and got["wall_ms"] == pytest.approx(20.0)
+
+
+def test_a_silent_hung_run_is_stopped_at_its_timeout():
+    """A benchmark run whose guest hangs without a word is killed at the deadline, its output kept."""
+    import subprocess
+    proc = subprocess.Popen(["sh", "-c", "echo booted; exec sleep 60"], stdout=subprocess.PIPE)
+    seen = bytearray()
+
+    class Sink:
+        def write(self, data):
+            seen.extend(data)
+            return len(data)
+
+    out, timed_out = blk.read_output(proc, 1.0, Sink())
+    assert timed_out and out == b"booted\n" and bytes(seen) == out
+    assert proc.returncode == -9  # killed, not waited for
+
+
+def test_a_run_that_ends_keeps_its_status():
+    import subprocess
+    proc = subprocess.Popen(["sh", "-c", "echo done; exit 3"], stdout=subprocess.PIPE)
+
+    class Sink:
+        def write(self, data):
+            return len(data)
+
+    out, timed_out = blk.read_output(proc, 30.0, Sink())
+    assert not timed_out and out == b"done\n" and proc.returncode == 3
