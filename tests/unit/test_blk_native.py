@@ -1071,8 +1071,9 @@ def test_a_busy_guest_gets_its_completions_together(rigs, image, io, monkeypatch
 def test_a_busy_guest_posts_without_kicks(rigs, image, monkeypatch, tmp_path, blocking):
     """With a request in flight, a busy guest is asked for no kick; a waiting one is, after every round.
 
-    The thread pool stands in for a slow disk (2 ms a request), and the driver
-    keeps two requests in flight half a request apart, posting the next as
+    The thread pool stands in for a slow disk (20 ms a request, so that a
+    loaded host still posts in time), and the driver keeps two requests in
+    flight half a request apart, posting the next as
     each comes back and kicking only when the device asked for it: a request
     the device failed to find by itself would never be answered, and the
     test fails on the 10 s wait. Interrupts are not held here, so that each
@@ -1084,8 +1085,8 @@ def test_a_busy_guest_posts_without_kicks(rigs, image, monkeypatch, tmp_path, bl
     monkeypatch.setattr(blk_native, "BUSY_SHIFT", 63)
     activity = _fake_activity(tmp_path, monkeypatch, blocking)
     r = rigs(image, engine="native-loop", io="threads", event_idx=True)
-    r.dev.native._blk.pool_delay_ns = 2_000_000
-    total, posted, got, kicks = 60, [], [], 0
+    r.dev.native._blk.pool_delay_ns = 20_000_000
+    total, posted, got, kicks = 40, [], [], 0
 
     def post():
         nonlocal kicks
@@ -1096,7 +1097,7 @@ def test_a_busy_guest_posts_without_kicks(rigs, image, monkeypatch, tmp_path, bl
             kicks += 1
 
     post()
-    time.sleep(0.001)
+    time.sleep(0.010)
     post()
     while len(got) < total:
         ready, _, _ = select.select([r.irqfd.fd], [], [], 10)
