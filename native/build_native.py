@@ -101,7 +101,9 @@ void vmm_blk_wait(struct vmm_blk_io *io, struct vmm_blk *blk);
 /* virtio_vsock.c */
 struct vmm_vsock_rx {
     int fd; uint8_t hdr[44]; uint64_t budget; uint32_t max_payload; uint32_t max_packets;
+    uint32_t *isr; int irq_fd;
     uint64_t bytes; uint32_t packets; uint32_t too_small; int32_t stop; int32_t err_no; uint32_t reads;
+    uint32_t early_irqs;
 };
 struct vmm_vsock_conn {
     uint32_t local_port; uint32_t peer_port; int fd; uint32_t room;

@@ -454,12 +454,19 @@ static int vmm_vsock_serve(struct vmm_mem *mem, struct vmm_vq *rxq, struct vmm_v
             uint32_t credit = vmm_vsock_credit(c);
             if (c->readable && credit) {
                 struct vmm_vsock_rx rx = {.fd = c->fd, .budget = credit, .max_payload = v->max_payload,
-                                          .max_packets = v->max_packets};
+                                          .max_packets = v->max_packets, .isr = s->isr, .irq_fd = s->irq_fd};
                 vmm_vsock_hdr(rx.hdr, v->guest_cid, c, VMM_VSOCK_OP_RW, v->buf_alloc);
                 r = vmm_vsock_rx(mem, rxq, &rx, err, errlen);
                 if (r < 0)
                     goto broken;
                 irq |= r;
+                if (rx.early_irqs) {
+                    /* The device has one interrupt: it carried the used tx buffers too,
+                     * those of this round (published before) and any that waited. */
+                    s->interrupts += rx.early_irqs;
+                    s->coalesced += tx_owed;
+                    tx_owed = irq_tx = 0;
+                }
                 if (rx.packets) {
                     c->rx_cnt += (uint32_t)rx.bytes;
                     c->last_fwd_sent = c->fwd_cnt;  /* every header carried it */

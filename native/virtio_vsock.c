@@ -38,6 +38,12 @@ struct vmm_vsock_rx {
     uint64_t budget;            /* bytes the guest has credit for */
     uint32_t max_payload;       /* per packet */
     uint32_t max_packets;       /* per burst: other connections get their turn */
+    /* The used-buffer interrupt (NULL: the caller raises it): given, the first
+     * recvmsg's packets are published, and the interrupt the driver wants for
+     * them raised, before the next recvmsg, so that a guest waiting for data
+     * starts on it while the rest of the burst is copied. */
+    uint32_t *isr;
+    int irq_fd;
     /* out */
     uint64_t bytes;
     uint32_t packets;
@@ -45,6 +51,7 @@ struct vmm_vsock_rx {
     int32_t stop;
     int32_t err_no;
     uint32_t reads;             /* recvmsg calls */
+    uint32_t early_irqs;        /* interrupts raised here (with isr) */
 };
 
 /* A connection whose RW packets from the guest may go straight to its
@@ -204,6 +211,8 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
     rx->stop = VMM_VSOCK_STOP_BUDGET;
     rx->err_no = 0;
     rx->reads = 0;
+    rx->early_irqs = 0;
+    int early = rx->isr != NULL;
     struct vmm_q q;
     if (vmm_vsock_open(&q, mem, vq, err, errlen))
         return -1;
@@ -313,6 +322,15 @@ static int vmm_vsock_rx(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_vsock
         }
         if (bad)
             break;
+        if (early && added) {
+            early = 0;
+            if (vmm_vsock_publish(&q, added)) {
+                vmm_isr_or(rx->isr, 1);
+                vmm_efd_signal(rx->irq_fd);
+                rx->early_irqs++;
+            }
+            added = 0;
+        }
         if ((uint64_t)got < total) {
             /* Most likely drained: let epoll say when there is more, as the Python path does. */
             rx->stop = VMM_VSOCK_STOP_AGAIN;

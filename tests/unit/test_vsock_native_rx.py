@@ -149,3 +149,49 @@ def test_nothing_to_read_takes_no_chain(ring):
     done = burst(mem, q, a)
     assert (done.stop, done.packets) == (N.STOP_AGAIN, 0)
     assert q.next_avail == 0
+
+
+@pytest.mark.parametrize("early,used_event,wanted", [(True, 0, (0, 1)), (True, 19, (1, 0)), (False, 0, (1, 0))],
+                         ids=["given", "given-past-first-read", "caller-raises"])
+def test_a_burst_raises_its_first_reads_interrupt_before_copying_the_rest(ring, early, used_event, wanted):
+    """Given the interrupt, the first recvmsg's packets (16 here) are published and signalled at once.
+
+    *wanted* is (the call's return: the caller should raise an interrupt, early
+    interrupts). A driver (EVENT_IDX) that wants one for the first used entry
+    gets it early, and the caller is asked for no second one. One that wants
+    it only for the 20th gets none early (16 were published), and the caller
+    raises it. Without the interrupt given, the caller raises it, as before.
+    """
+    from vmmkit._native import ffi, lib
+    from vmmkit.virtio.native import NativeMemory, load_queue, store_queue
+    mem, drv, q, a, b = ring
+    q.event_idx = True
+    drv.set_used_event(used_event)
+    post(drv, 40)
+    b.sendall(os.urandom(100_000))
+    nmem, vq, rx = NativeMemory(), ffi.new("struct vmm_vq *"), ffi.new("struct vmm_vsock_rx *")
+    nmem.sync(mem)
+    isr = ffi.new("uint32_t *")
+    efd = os.eventfd(0, os.EFD_NONBLOCK)
+    try:
+        rx.fd = a.fileno()
+        ffi.memmove(rx.hdr, HEADER, len(HEADER))
+        rx.budget, rx.max_payload, rx.max_packets = 1 << 20, MAX_PAYLOAD, 64
+        if early:
+            rx.isr, rx.irq_fd = isr, efd
+        err = ffi.new("char[]", 256)
+        load_queue(vq, q)
+        rc = lib.vmm_vsock_rx(nmem.struct, vq, rx, err, len(err))
+        store_queue(vq, q)
+        assert (rx.bytes, rx.packets, rx.reads) == (100_000, 25, 2)
+        assert len(packets(drv)) == 25  # everything published either way
+        assert (rc, rx.early_irqs) == wanted
+        assert isr[0] == rx.early_irqs
+        if rx.early_irqs:
+            assert os.eventfd_read(efd) == 1
+        else:
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(efd)
+    finally:
+        os.close(efd)
+        nmem.forget()
