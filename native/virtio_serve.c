@@ -144,7 +144,12 @@ static int vmm_guest_waits(const struct vmm_serve *s, uint64_t *halts)
  * flight, unless the guest is busy: a guest waiting on one request gets it
  * at once, but one whose vCPUs all run (no halt since the interrupt fell
  * due) is not waiting, and takes its completions together a little later
- * (s->busy_*). Nothing is left owed when the loop returns. */
+ * (s->busy_*). Nothing is left owed when the loop returns.
+ *
+ * Kicks cost the guest an exit each too: the loop asks for none while
+ * lazy_min requests are in flight, or while the guest is busy and any is
+ * (s->busy_lazy); a completion, or the look at the vCPUs every busy_poll_ns,
+ * brings it back to the ring. */
 static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk *blk, struct vmm_blk_io *io,
                          struct vmm_serve *s, char *err, size_t errlen)
 {
