@@ -6,9 +6,18 @@ involved; the same helper is the peer in the benchmarks.
 
 import pytest
 
-from vmmkit.testing.qemu import run_qemu_exec
+from vmmkit.testing import qemu
+from vmmkit.testing.pytest_plugin import qemu_guest_hung
 
 pytestmark = pytest.mark.guest
+
+
+def run_qemu_exec(command: str, **kw):
+    """qemu.run_qemu_exec, failing (in words the lab session reruns) when QEMU's guest hung."""
+    result = qemu.run_qemu_exec(command, **kw)
+    if hung := qemu_guest_hung(result):
+        pytest.fail(hung)
+    return result
 
 
 def test_qemu_boots_default_guest_and_runs_command():

@@ -123,3 +123,13 @@ def test_failures_without_a_guest_crash_are_not_rerun(monkeypatch):
     session.run()
     assert len(calls) == 1
     assert session.result("v.py::b")["outcome"] == "failed"
+
+
+def test_a_module_whose_qemu_guest_hung_runs_once_more(monkeypatch):
+    hung = "Failed: " + pytest_plugin.QEMU_GUEST_HUNG + ": killed after 300s with 2000 bytes of output"
+    fake, calls = crash_lab([({"q.py::b": hung}, ["q.py::a", "v.py::c"]), ({}, ["q.py::a", "q.py::b"])])
+    monkeypatch.setattr(lab_run, "run_in_lab", fake)
+    session = _LabSession(FakeConfig(), ["q.py::a", "q.py::b", "v.py::c"])
+    session.run()
+    assert calls[1:] == [["q.py::a", "q.py::b"]]
+    assert session.result("q.py::b")["outcome"] == "passed"

@@ -62,6 +62,11 @@ _SKIP_ENV = {"PWD", "OLDPWD", "SHLVL", "_", "PYTHONDONTWRITEBYTECODE"}
 SCRATCH_MOUNT = "/scratch"
 SCRATCH_DEVICE = "/dev/vda"  # the lab's only virtio-blk disk
 STALL_POLL = 5.0  # seconds between looks at a stall-watched file (run_in_lab(stall=...))
+#: A lab machine boots in about 8 s; one whose init has not started the command after this
+#: long hung at boot (seen once in CI: both CPUs spinning, nothing printed) and boots again.
+BOOT_SECONDS = 120.0
+BOOT_RETRIES = 2
+BOOT_POLL = 0.5  # seconds between looks for the command's start
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 # Host-side cache and aio modes for the scratch disk, best first: O_DIRECT with
 # io_uring; thread-pool aio where io_uring is refused (seccomp, old kernel, a
@@ -206,6 +211,85 @@ def _wait_watching(proc, timeout: float | None, stall: tuple[str, float] | None)
     return None
 
 
+def _wait_for_start(proc, console: MarkerStream, seconds: float) -> bool:
+    """Wait until the lab's init has started the command (its start marker came); False when
+    *seconds* passed first. A lab that ends before then counts as started: its failure is not a hang."""
+    deadline = time.monotonic() + seconds
+    while console.state == "before" and proc.poll() is None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            proc.wait(timeout=min(BOOT_POLL, left))
+        except subprocess.TimeoutExpired:
+            pass
+    return True
+
+
+class _Attempt:
+    """One boot of the lab machine: how it ended, and what it printed besides the command's output."""
+
+    def __init__(self) -> None:
+        self.boot_hung = False
+        self.timed_out = False
+        self.stalled: float | None = None
+        self.wedge: str | None = None
+        self.returncode: int | None = None
+        self.console_log = b""
+        self.qemu_err = b""
+
+
+def _boot(args: list[str], errfifo: str, stdout, stderr, timeout: float | None,
+          stall: tuple[str, float] | None, boot_seconds: float) -> _Attempt:
+    """Run one lab machine (*args*: its QEMU command line) to its end, streaming the command's output."""
+    started = time.monotonic()
+    attempt = _Attempt()
+    # A reader and a spare writer on the fifo: reads block (not EOF) until
+    # QEMU opens it, and end once both writers are gone.
+    err_r = os.open(errfifo, os.O_RDONLY | os.O_NONBLOCK)
+    err_w = os.open(errfifo, os.O_WRONLY)
+    os.set_blocking(err_r, True)
+    console = MarkerStream(stdout, START_MARKER.encode(), END_MARKER.encode())
+    qemu_err = bytearray()
+    proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wedge = WedgeWatch(console.feed, proc.kill)
+    threads = [
+        threading.Thread(target=_pump, args=(proc.stdout.fileno(), wedge), daemon=True),
+        threading.Thread(target=_pump, args=(err_r, lambda b: (stderr.write(b), stderr.flush())), daemon=True),
+        threading.Thread(target=_pump, args=(proc.stderr.fileno(), qemu_err.extend), daemon=True),
+    ]
+    for t in threads:
+        t.start()
+    try:
+        limit = boot_seconds if timeout is None else min(boot_seconds, timeout)
+        if not _wait_for_start(proc, console, limit):
+            # The caller's timeout ending first is a timeout, not a hung boot.
+            attempt.boot_hung = limit == boot_seconds
+            attempt.timed_out = not attempt.boot_hung
+        else:
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            attempt.stalled = _wait_watching(proc, left, stall)
+            attempt.timed_out = attempt.stalled is None and proc.poll() is None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait()
+        raise
+    finally:
+        os.close(err_w)
+        for t in threads:
+            t.join(timeout=10)
+        os.close(err_r)
+    console.close()
+    attempt.wedge = wedge.report
+    attempt.returncode = proc.returncode
+    attempt.console_log = bytes(console.log)
+    attempt.qemu_err = bytes(qemu_err)
+    return attempt
+
+
 def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", cpus: int = 2,
                timeout: float | None = None, cwd: str | None = None, env: dict | None = None,
                stdout=None, stderr=None, progress=None, scratch: str | int | None = None,
@@ -218,7 +302,10 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
     ``(path, seconds)``: the command writes *path* (in a share) as it makes
     progress; when it has not changed for *seconds*, the lab is taken to be
     hung (a lab whose processes wait for ever shows no other sign) and is
-    stopped, and the run counts as failed.
+    stopped, and the run counts as failed. A lab machine whose init has not
+    started the command BOOT_SECONDS after QEMU started hung at boot (the
+    emulation's fault, docs/lab.md): it is stopped and booted again, up to
+    BOOT_RETRIES times, which is safe because nothing of the command ran.
     """
     if not argv:
         raise LabError("nothing to run: give a command after '--', e.g. vmmkit lab -- uname -a")
@@ -264,57 +351,35 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
             tag, path = line.split(" ", 1)
             args += ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,multidevs=remap"]
         args += drives
-        # A reader and a spare writer on the fifo: reads block (not EOF) until
-        # QEMU opens it, and end once both writers are gone.
-        err_r = os.open(errfifo, os.O_RDONLY | os.O_NONBLOCK)
-        err_w = os.open(errfifo, os.O_WRONLY)
-        os.set_blocking(err_r, True)
-        console = MarkerStream(stdout, START_MARKER.encode(), END_MARKER.encode())
-        qemu_err = bytearray()
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        wedge = WedgeWatch(console.feed, proc.kill)
-        threads = [
-            threading.Thread(target=_pump, args=(proc.stdout.fileno(), wedge), daemon=True),
-            threading.Thread(target=_pump, args=(err_r, lambda b: (stderr.write(b), stderr.flush())), daemon=True),
-            threading.Thread(target=_pump, args=(proc.stderr.fileno(), qemu_err.extend), daemon=True),
-        ]
-        for t in threads:
-            t.start()
-        timed_out = False
-        stalled: float | None = None
-        try:
-            stalled = _wait_watching(proc, timeout, stall)
-            if stalled is None and proc.poll() is None:
-                timed_out = True
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        except KeyboardInterrupt:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            raise
-        finally:
-            os.close(err_w)
-            for t in threads:
-                t.join(timeout=10)
-            os.close(err_r)
-        console.close()
+        started = time.monotonic()
+        for boot in range(1 + BOOT_RETRIES):
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
+            attempt = _boot(args, errfifo, stdout, stderr, left, stall, BOOT_SECONDS)
+            if not attempt.boot_hung:
+                break
+            if boot < BOOT_RETRIES:
+                progress(f"the lab machine did not start the command within {BOOT_SECONDS:.0f}s "
+                         f"of booting (a boot takes about 8s): booting it again")
         status_file = os.path.join(rundir, "status")
-        if not timed_out and stalled is None and not wedge.report and os.path.exists(status_file):
+        done = not (attempt.boot_hung or attempt.timed_out or attempt.stalled is not None or attempt.wedge)
+        if done and os.path.exists(status_file):
             with open(status_file) as f:
                 text = f.read().strip()
             if text.isdigit():
                 return int(text)
-        if wedge.report:
-            why = f"wedged ({wedge.report}), so it was stopped"
-        elif stalled is not None:
-            why = f"made no progress for {stalled:.0f}s ({stall[0]} unchanged), so it was stopped"
-        elif timed_out:
+        if attempt.boot_hung:
+            why = f"did not start the command within {BOOT_SECONDS:.0f}s of booting, {1 + BOOT_RETRIES} times"
+        elif attempt.wedge:
+            why = f"wedged ({attempt.wedge}), so it was stopped"
+        elif attempt.stalled is not None:
+            why = f"made no progress for {attempt.stalled:.0f}s ({stall[0]} unchanged), so it was stopped"
+        elif attempt.timed_out:
             why = f"timed out after {timeout:.0f}s"
         else:
-            why = f"QEMU exited with {proc.returncode} before the command finished"
-        noise = "\n".join(l for l in qemu_err.decode(errors="replace").splitlines() if not any(n in l for n in _NOISE))
-        tail = console.log.decode(errors="replace")[-3000:]
+            why = f"QEMU exited with {attempt.returncode} before the command finished"
+        noise = "\n".join(l for l in attempt.qemu_err.decode(errors="replace").splitlines()
+                          if not any(n in l for n in _NOISE))
+        tail = attempt.console_log.decode(errors="replace")[-3000:]
         stderr.write(f"vmmkit lab: the lab failed: {why}\n--- lab console (tail) ---\n{tail}\n--- qemu stderr ---\n{noise}\n".encode())
         stderr.flush()
         return LAB_FAILED

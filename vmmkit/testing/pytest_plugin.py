@@ -35,6 +35,25 @@ GUEST_CRASH_RETRIES = 4
 #: What `vmmkit run --exec` prints when the guest rebooted or triple-faulted: no guest
 #: test's command reboots, so in a failure's text this means the guest crashed.
 GUEST_REBOOTED = STOPPED_EARLY.split("{why}")[0] + "reboot"
+#: What a QEMU peer test fails with when QEMU's guest hung in the lab (see qemu_guest_hung):
+#: QEMU is not ours, so its guest hanging is the emulation failing, as a crash is.
+QEMU_GUEST_HUNG = "QEMU's guest hung in the KVM lab"
+#: A failure whose text holds one of these was the lab's emulation (docs/lab.md), not the test.
+LAB_CRASH_SIGNS = (GUEST_REBOOTED, QEMU_GUEST_HUNG)
+
+
+def _lab_crash(failure: str) -> bool:
+    return any(sign in failure for sign in LAB_CRASH_SIGNS)
+
+
+def qemu_guest_hung(result) -> str | None:
+    """For a QEMU peer's ExecResult: a failure message carrying QEMU_GUEST_HUNG when its guest
+    was killed at the timeout, else None (``if msg := qemu_guest_hung(r): pytest.fail(msg)``)."""
+    if not result.timed_out:
+        return None
+    tail = result.console.decode(errors="replace")[-1500:]
+    return (f"{QEMU_GUEST_HUNG}: killed after {result.seconds:.0f}s with {len(result.output)} bytes of output "
+            f"and no exit status; console tail:\n{tail}")
 
 
 def pytest_addoption(parser):
@@ -127,8 +146,8 @@ class _LabSession:
         took down get another lab, up to LAB_RETRIES times, and say so. The
         same emulation occasionally crashes the guests inside the lab under
         heavy interrupt load (a triple fault, or a fault in the interrupt
-        entry and a panic): a test module whose failures say the guest
-        rebooted runs again, whole (its tests share one guest), in a fresh
+        entry and a panic), and once hung QEMU's own guest: a test module
+        whose failures say the guest rebooted, or QEMU's guest hung, runs again, whole (its tests share one guest), in a fresh
         lab, up to GUEST_CRASH_RETRIES times, and the output says so. Its
         last result is the one reported; a failure that is not a crash is
         never run again.
@@ -138,11 +157,11 @@ class _LabSession:
         self._run_retrying_the_lab(list(self.nodeids), tr)
         for _ in range(GUEST_CRASH_RETRIES):
             modules = sorted({n.split("::")[0] for n, r in self.results.items()
-                              if r["outcome"] == "failed" and GUEST_REBOOTED in r["text"] + r["output"]})
+                              if r["outcome"] == "failed" and _lab_crash(r["text"] + r["output"])})
             if not modules:
                 return
             again = [n for n in self.nodeids if n.split("::")[0] in modules]
-            note = (f"the guest crashed (rebooted) in the KVM lab during {', '.join(modules)}: "
+            note = (f"the guest crashed (rebooted or, under QEMU, hung) in the KVM lab during {', '.join(modules)}: "
                     f"running its {len(again)} tests once more in a fresh lab")
             if tr is not None:
                 tr.write_sep("!", note)

@@ -29,6 +29,7 @@ class ExecResult:
     console: bytes          # everything else the console carried (kernel messages), for diagnostics
     seconds: float          # wall time from VMM process start to its exit
     vmm_returncode: int
+    timed_out: bool = False  # the guest was still running at the timeout, and was killed
 
 
 def qemu_binary() -> str:
@@ -87,10 +88,12 @@ def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> Exec
         tee.pid = proc.pid
     try:
         deadline = started + timeout
+        timed_out = False
         while True:
             # Wait with the deadline: a guest that hangs silently sends nothing to read.
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
+                timed_out = True
                 proc.kill()
                 break
             chunk = os.read(proc.stdout.fileno(), 65536)
@@ -103,7 +106,8 @@ def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> Exec
             proc.kill()
             proc.wait()
     stream.close()
-    return ExecResult(stream.status, out.getvalue(), bytes(stream.log), time.monotonic() - started, proc.returncode)
+    return ExecResult(stream.status, out.getvalue(), bytes(stream.log), time.monotonic() - started, proc.returncode,
+                      timed_out)
 
 
 class _Tee:
