@@ -1,6 +1,6 @@
 """vsock benchmark: vmmkit's hybrid vsock against QEMU's vhost-vsock and a Unix-socket loopback, one run, one table.
 
-    .venv/bin/python benchmarks/vsock.py [--mib 256] [--count 2000] [--rounds 1] [--engine NAME]
+    .venv/bin/python benchmarks/vsock.py [--mib 256] [--count 2000] [--rounds 1] [--engine NAME] [--halt-poll-ns N]
 
 Where the host's KVM cannot boot a stock kernel it runs itself inside the KVM
 lab (`vmmkit lab`); where KVM is real, or inside the lab, it runs in place
@@ -361,11 +361,12 @@ def tail(path: str, n: int = 3000) -> str:
         return ""
 
 
-def start_vmmkit(tmp: str, size: int, memory_mib: int, engine: str | None) -> Peer:
+def start_vmmkit(tmp: str, size: int, memory_mib: int, engine: str | None, halt_poll_ns: int | None) -> Peer:
     uds = os.path.join(tmp, "v.sock")
     config = os.path.join(tmp, "vm.toml")
     with open(config, "w") as f:
-        f.write(f'[machine]\nvcpus = 1\nmemory = "{memory_mib}M"\n\n[[device]]\nkind = "vsock"\n'
+        poll = "" if halt_poll_ns is None else f"halt_poll_ns = {halt_poll_ns}\n"
+        f.write(f'[machine]\nvcpus = 1\nmemory = "{memory_mib}M"\n{poll}\n[[device]]\nkind = "vsock"\n'
                 f'guest_cid = {GUEST_CID}\nuds_path = {json.dumps(uds)}\n')
         if engine:
             f.write(f"engine = {json.dumps(engine)}\n")
@@ -479,7 +480,7 @@ def benchmark(opts) -> int:
         payload = os.urandom(size)
         digest = hashlib.sha256(payload).hexdigest()
         socat = socat_from_guest(os.path.join(tmp, "socat"))
-        starters = {"vmmkit": lambda: start_vmmkit(tmp, size, memory_mib, opts.engine),
+        starters = {"vmmkit": lambda: start_vmmkit(tmp, size, memory_mib, opts.engine, opts.halt_poll_ns),
                     "qemu": lambda: start_qemu(tmp, size, memory_mib),
                     "loopback": lambda: start_loopback(tmp, size, socat)}
         results: dict[str, list[dict[str, float]]] = {name: [] for name in starters}
@@ -513,7 +514,8 @@ def benchmark(opts) -> int:
     print(f"\nvsock benchmark ({where}): {opts.mib} MiB each way (sha256 checked), {opts.count} round trips of "
           f"{MSG} B, {opts.rounds} round{'s' if opts.rounds > 1 else ''} (medians), guest 1 vCPU {memory_mib}M, "
           f"kernel {files.release}")
-    print(f"vmmkit: hybrid vsock via uds_path, engine {opts.engine or '(the default)'}; "
+    poll = "KVM's default" if opts.halt_poll_ns is None else f"{opts.halt_poll_ns} ns"
+    print(f"vmmkit: hybrid vsock via uds_path, engine {opts.engine or '(the default)'}, halt polling {poll}; "
           f"QEMU microvm: vhost-vsock-device via AF_VSOCK; loopback: Unix sockets in the {where}; "
           f"peers: socat -b {BLOCK}, data in tmpfs")
     print(f"{'metric':<24}{'QEMU':>10}{'vmmkit':>10}{'vmmkit/QEMU':>13}{'loopback':>10}{'vmmkit/loopback':>17}")
@@ -570,6 +572,8 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=2000, help="64-byte round trips (default 2000)")
     parser.add_argument("--rounds", type=int, default=1, help="boots of each VMM (default 1)")
     parser.add_argument("--engine", default=None, help="the vsock device's engine option for vmmkit, if it has one")
+    parser.add_argument("--halt-poll-ns", type=int, default=None,
+                        help="[machine] halt_poll_ns for vmmkit's VM (default: unset; QEMU always keeps KVM's default)")
     parser.add_argument("--lab", choices=("auto", "always", "never"), default="auto",
                         help="run inside the KVM lab: auto (when this host's KVM cannot boot a stock kernel), "
                         "always or never")

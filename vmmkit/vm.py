@@ -353,6 +353,11 @@ class Vm:
             raise VmmkitError(f"[machine] vcpus = {spec.machine.vcpus}: this host's KVM allows at most {self.kvm.max_vcpus()}")
         self.kvm_vm = self.kvm.create_vm()
         self.kvm_vm.setup_x86()
+        if spec.machine.halt_poll_ns is not None:
+            try:
+                self.kvm_vm.set_halt_poll_ns(spec.machine.halt_poll_ns)
+            except KvmError as exc:
+                raise VmmkitError(f"[machine] halt_poll_ns = {spec.machine.halt_poll_ns}: {exc}") from None
         self.memory.register(self.kvm_vm)
         self.pio_bus = Bus("pio")
         self.mmio_bus = Bus("mmio")

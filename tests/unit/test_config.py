@@ -243,7 +243,7 @@ def test_missing_required_device_key(tmp_path):
 def test_unknown_key_with_suggestion(tmp_path):
     message = error(tmp_path, "[machine]\nvcpu = 2\n")
     assert message == (
-        "vm.toml: [machine] unknown key 'vcpu'; known keys: memory, memory_file, on_reboot, shared, vcpus "
+        "vm.toml: [machine] unknown key 'vcpu'; known keys: halt_poll_ns, memory, memory_file, on_reboot, shared, vcpus "
         "(did you mean 'vcpus'?)"
     )
 
@@ -349,6 +349,18 @@ def test_vcpus_range(tmp_path):
     assert message == "vm.toml: [machine] vcpus: expected a value from 1 to 255, found 256"
     message = error(tmp_path, "[machine]\nvcpus = 0\n")
     assert message == "vm.toml: [machine] vcpus: expected a value from 1 to 255, found 0"
+
+
+def test_halt_poll_ns(tmp_path):
+    assert load(tmp_path, "").machine.halt_poll_ns is None  # the kvm module's own setting
+    assert load(tmp_path, "[machine]\nhalt_poll_ns = 0\n").machine.halt_poll_ns == 0
+    assert load(tmp_path, "[machine]\nhalt_poll_ns = 1000000\n").machine.halt_poll_ns == 1_000_000
+    message = error(tmp_path, "[machine]\nhalt_poll_ns = -1\n")
+    assert message == "vm.toml: [machine] halt_poll_ns: expected a value from 0 to 100000000, found -1"
+    message = error(tmp_path, "[machine]\nhalt_poll_ns = 200000000\n")
+    assert message == "vm.toml: [machine] halt_poll_ns: expected a value from 0 to 100000000, found 200000000"
+    message = error(tmp_path, '[machine]\nhalt_poll_ns = "1ms"\n')
+    assert message == "vm.toml: [machine] halt_poll_ns: expected an integer, found '1ms'"
 
 
 def test_memory_minimum_and_granularity(tmp_path):
