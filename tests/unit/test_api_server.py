@@ -54,7 +54,7 @@ def test_get_vm_reports_state_config_and_devices(serve, sock_path):
     assert info["vcpus"] == 2 and info["memory"] == 1 << 30
     assert info["devices"] == [dev]
     assert info["config"]["machine"] == {"vcpus": 2, "memory": 1 << 30, "on_reboot": "exit",
-                                        "shared": False, "memory_file": None}
+                                        "shared": False, "memory_file": None, "halt_poll_ns": None}
     assert info["config"]["api"] == {"socket": None}
     assert info["shutdown_requested_at"] is None
     assert info["pid"] == os.getpid()

@@ -19,7 +19,7 @@ def run(tmp_path, text, *extra):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("[machine]\nvcpu = 2\n", ["[machine] unknown key 'vcpu'", "known keys: memory, memory_file, on_reboot, shared, vcpus", "did you mean 'vcpus'"]),
+    ("[machine]\nvcpu = 2\n", ["[machine] unknown key 'vcpu'", "known keys: halt_poll_ns, memory, memory_file, on_reboot, shared, vcpus", "did you mean 'vcpus'"]),
     ("[machine]\nmemory = \"lots\"\n", ["[machine] memory", "expected a size", "'lots'"]),
     ("[machine]\nvcpus = 0\n", ["[machine] vcpus", "from 1 to 255", "0"]),
     ("[machine]\nvcpus = \"two\"\n", ["[machine] vcpus", "'two'"]),
