@@ -240,7 +240,7 @@ class _Attempt:
 
 
 def _boot(args: list[str], errfifo: str, stdout, stderr, timeout: float | None,
-          stall: tuple[str, float] | None, boot_seconds: float) -> _Attempt:
+          stall: tuple[str, float] | None) -> _Attempt:
     """Run one lab machine (*args*: its QEMU command line) to its end, streaming the command's output."""
     started = time.monotonic()
     attempt = _Attempt()
@@ -261,10 +261,10 @@ def _boot(args: list[str], errfifo: str, stdout, stderr, timeout: float | None,
     for t in threads:
         t.start()
     try:
-        limit = boot_seconds if timeout is None else min(boot_seconds, timeout)
+        limit = BOOT_SECONDS if timeout is None else min(BOOT_SECONDS, timeout)
         if not _wait_for_start(proc, console, limit):
             # The caller's timeout ending first is a timeout, not a hung boot.
-            attempt.boot_hung = limit == boot_seconds
+            attempt.boot_hung = limit == BOOT_SECONDS
             attempt.timed_out = not attempt.boot_hung
         else:
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
@@ -354,7 +354,7 @@ def run_in_lab(argv: list[str], *, shares: list[str] = (), memory: str = "8G", c
         started = time.monotonic()
         for boot in range(1 + BOOT_RETRIES):
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - started))
-            attempt = _boot(args, errfifo, stdout, stderr, left, stall, BOOT_SECONDS)
+            attempt = _boot(args, errfifo, stdout, stderr, left, stall)
             if not attempt.boot_hung:
                 break
             if boot < BOOT_RETRIES:
