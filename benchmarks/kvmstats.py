@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 import time
 from typing import Callable, Dict, Optional
 
-DEBUGFS = "/sys/kernel/debug"
+from vmmkit.testing import kvm_debugfs
+
 #: The counters we report, in table order.
 FIELDS = ("exits", "mmio_exits", "io_exits", "irq_injections", "halt_exits", "halt_wakeup",
           "halt_successful_poll", "irq_window_exits")
@@ -44,13 +44,7 @@ Counters = Dict[str, int]
 
 def available() -> Optional[str]:
     """None when per-VM counters can be read here (mounting debugfs if needed), else why not."""
-    if not os.path.isdir(os.path.join(DEBUGFS, "kvm")):
-        proc = subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], capture_output=True, text=True)
-        if proc.returncode != 0 and not os.path.isdir(os.path.join(DEBUGFS, "kvm")):
-            return f"cannot mount debugfs at {DEBUGFS}: {proc.stderr.strip() or proc.returncode}"
-    if not os.path.isdir(os.path.join(DEBUGFS, "kvm")):
-        return f"{DEBUGFS}/kvm is missing (is the kvm module loaded?)"
-    return None
+    return kvm_debugfs.unavailable()
 
 
 def thread_times(stat: str) -> tuple[int, int]:
@@ -82,17 +76,7 @@ def cpu_times(pid: int) -> Counters:
 
 def read(pid: int) -> Counters:
     """The counters of process *pid*'s VMs (summed over them; a VMM has one), and its :func:`cpu_times`."""
-    dirs = glob.glob(os.path.join(DEBUGFS, "kvm", f"{pid}-*"))
-    if not dirs:
-        raise RuntimeError(f"no KVM VM of process {pid} in {DEBUGFS}/kvm")
-    out = dict.fromkeys(FIELDS, 0)
-    for d in dirs:
-        for name in FIELDS:
-            try:
-                with open(os.path.join(d, name)) as f:
-                    out[name] += int(f.read())
-            except FileNotFoundError:  # an older kernel without this counter
-                pass
+    out = kvm_debugfs.counters(pid, FIELDS)
     out.update(cpu_times(pid))
     return out
 

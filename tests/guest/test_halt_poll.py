@@ -16,22 +16,14 @@ import time
 
 import pytest
 
+from vmmkit.testing import kvm_debugfs
+
 pytestmark = pytest.mark.guest
 
-DEBUGFS = "/sys/kernel/debug"
 DONE = b"sleeps-done"
 
 
-def debugfs_kvm() -> str:
-    path = os.path.join(DEBUGFS, "kvm")
-    if not os.path.isdir(path):
-        subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], capture_output=True)
-    if not os.path.isdir(path):
-        pytest.fail(f"{path} is missing: KVM's per-VM counters cannot be read here")
-    return path
-
-
-def successful_polls(vmm, toml: str, kvm_dir: str) -> int:
+def successful_polls(vmm, toml: str) -> int:
     """Boot with *toml*, have the guest sleep 200 µs 400 times, and return KVM's count of polled halts."""
     command = f"i=0; while [ $i -lt 400 ]; do usleep 200; i=$((i+1)); done; echo {DONE.decode()}; sleep 60"
     proc = subprocess.Popen([sys.executable, "-m", "vmmkit", "run", vmm.config(toml), "--exec", command],
@@ -45,18 +37,17 @@ def successful_polls(vmm, toml: str, kvm_dir: str) -> int:
                 proc.kill()
                 pytest.fail(f"the guest did not finish its sleeps: {out[-2000:]!r}\n{proc.stderr.read()[-2000:]!r}")
             out += chunk
-        dirs = [d for d in os.listdir(kvm_dir) if d.startswith(f"{proc.pid}-")]
-        assert len(dirs) == 1, f"the VMM's VM in {kvm_dir}: {dirs}"
-        with open(os.path.join(kvm_dir, dirs[0], "halt_successful_poll")) as f:
-            return int(f.read())
+        assert len(kvm_debugfs.vm_dirs(proc.pid)) == 1, "the VMM's one VM in debugfs"
+        return kvm_debugfs.counters(proc.pid, ["halt_successful_poll"])["halt_successful_poll"]
     finally:
         proc.kill()
         proc.wait()
 
 
 def test_halt_poll_window_reaches_kvm(vmmkit_run):
-    kvm_dir = debugfs_kvm()
+    if why := kvm_debugfs.unavailable():
+        pytest.fail(f"KVM's per-VM counters cannot be read here: {why}")
     base = '[machine]\nvcpus = 1\nmemory = "256M"\n'
-    polled = successful_polls(vmmkit_run, base + "halt_poll_ns = 2000000\n", kvm_dir)
+    polled = successful_polls(vmmkit_run, base + "halt_poll_ns = 2000000\n")
     assert polled > 0
-    assert successful_polls(vmmkit_run, base + "halt_poll_ns = 0\n", kvm_dir) == 0
+    assert successful_polls(vmmkit_run, base + "halt_poll_ns = 0\n") == 0

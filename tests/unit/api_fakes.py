@@ -44,13 +44,13 @@ class FakeVm:
         if self.state != "paused":
             raise VmStateError(f"the VM is {self.state}: only a paused VM can be inspected (pause it first)")
         return {"vcpus": [{"index": 0, "rip": 0xFFFFFFFF81000000, "rsp": 0xFFFFC90000003F00, "rflags": 0x246,
-                           "interrupts_enabled": True, "cs": 0x10, "cr0": 0x80050033, "cr3": 0x1000,
+                           "interrupts_enabled": True, "cs": 0x10, "cr0": 0x80050033, "cr2": 0, "cr3": 0x1000,
                            "cr4": 0x3606F0, "efer": 0xD01, "halted": True, "lapic_tpr": 0,
                            "lapic_irr": [], "lapic_isr": []}],
                 "devices": [{"id": "blk0", "gsi": 5, "status": 15, "broken": False, "interrupt_status": 0,
                              "queues": [{"ready": True, "size": 256, "event_idx": True, "next_avail": 3,
                                          "next_used": 3, "signalled_used": 3, "avail_flags": 0, "avail_idx": 3,
-                                         "used_event": 2, "used_idx": 3, "avail_event": 3}]}]}
+                                         "used_event": 2, "used_idx": 3, "avail_event": 3, "kick_pending": False}]}]}
 
     def press_power_button(self):
         self.calls.append("shutdown")

@@ -320,6 +320,24 @@ def test_round_trip_through_the_worker(rig, event_idx, indirect):
     assert not rig.drv.status() & NEEDS_RESET
 
 
+def test_inspect_shows_a_kick_the_worker_has_not_taken(rig):
+    q = rig.init(event_idx=True)
+    rig.echo(q, [b"warm"])
+    (seen,) = rig.t.inspect()["queues"]
+    assert seen["kick_pending"] is False
+    assert rig.dev.pause()
+    head = q.add_chain([b"late"], [4])
+    rig.drv.notify(0)
+    (seen,) = rig.t.inspect()["queues"]
+    assert seen["kick_pending"] is True, seen  # a paused worker leaves it in the eventfd
+    assert seen["avail_idx"] - seen["next_avail"] == 1, seen
+    rig.dev.resume()
+    got = []
+    wait_for(lambda: got.extend(q.get_used()) or got, "the reply after resume")
+    assert got == [(head, 4)]
+    assert rig.t.inspect()["queues"][0]["kick_pending"] is False
+
+
 def test_chain_spread_over_several_buffers(rig):
     q = rig.init()
     head = q.add_chain([b"hel", b"lo ", b"world"], [2, 4, 10])

@@ -125,8 +125,9 @@ class Vcpu:
         """Where the vCPU is and what interrupts wait for it, for finding out why a guest hangs.
 
         Only while the vCPU is out of KVM_RUN (a paused VM). ``halted``: in
-        HLT, waiting for an interrupt; ``lapic_irr`` / ``lapic_isr``: the
-        vectors pending and in service at its local APIC.
+        HLT, waiting for an interrupt; ``cr2``: the address of the guest's
+        last page fault; ``lapic_irr`` / ``lapic_isr``: the vectors pending
+        and in service at its local APIC.
         """
         regs = self.get_regs()
         sregs = ffi.new("struct kvm_sregs *")
@@ -140,7 +141,7 @@ class Vcpu:
             "index": self.index,
             "rip": regs["rip"], "rsp": regs["rsp"], "rflags": regs["rflags"],
             "interrupts_enabled": bool(regs["rflags"] & RFLAGS_IF),
-            "cs": sregs.cs.selector, "cr0": sregs.cr0, "cr3": sregs.cr3, "cr4": sregs.cr4, "efer": sregs.efer,
+            "cs": sregs.cs.selector, "cr0": sregs.cr0, "cr2": sregs.cr2, "cr3": sregs.cr3, "cr4": sregs.cr4, "efer": sregs.efer,
             "halted": mp_state.mp_state == KVM_MP_STATE_HALTED,
             "lapic_tpr": struct.unpack_from("<I", apic, APIC_TPR)[0],
             "lapic_irr": _apic_vectors(apic, APIC_IRR),

@@ -24,6 +24,7 @@ import pytest
 
 from ..exitcodes import STOPPED_EARLY
 from ..hostkvm import in_lab, kvm_status
+from .kvm_debugfs import EMULATION_LIVELOCK
 
 REPORT_OPT = "--vmmkit-lab-report"
 #: Fresh labs for the tests a crashed lab took down (the crash is the emulator's, see docs/lab.md).
@@ -39,7 +40,7 @@ GUEST_REBOOTED = STOPPED_EARLY.split("{why}")[0] + "reboot"
 #: QEMU is not ours, so its guest hanging is the emulation failing, as a crash is.
 QEMU_GUEST_HUNG = "QEMU's guest hung in the KVM lab"
 #: A failure whose text holds one of these was the lab's emulation (docs/lab.md), not the test.
-LAB_CRASH_SIGNS = (GUEST_REBOOTED, QEMU_GUEST_HUNG)
+LAB_CRASH_SIGNS = (GUEST_REBOOTED, QEMU_GUEST_HUNG, EMULATION_LIVELOCK)
 
 
 def _lab_crash(failure: str) -> bool:

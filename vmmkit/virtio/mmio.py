@@ -17,6 +17,7 @@ refused or DEVICE_NEEDS_RESET, never a VMM failure.
 from __future__ import annotations
 
 import logging
+import select
 import struct
 import threading
 from typing import Any, Callable, Optional, Tuple
@@ -290,10 +291,21 @@ class VirtioMmioTransport:
             self.signal_config()
 
     def inspect(self) -> dict:
-        """Device status, InterruptStatus and each queue as both sides see it (:meth:`Virtqueue.inspect`)."""
+        """Device status, InterruptStatus and each queue as both sides see it (:meth:`Virtqueue.inspect`).
+
+        ``kick_pending`` says whether the queue's notify eventfd holds a kick
+        the device has not taken yet: with chains posted past ``next_avail``,
+        a kick pending points at a worker that does not wake, none at a kick
+        that was never made or was taken without serving the ring.
+        """
         with self._lock:
+            queues = []
+            for q, fd in zip(self.queues, self.notify_fds):
+                seen = q.inspect(self.memory)
+                seen["kick_pending"] = _readable(fd)
+                queues.append(seen)
             return {"status": self.status, "broken": self.broken, "interrupt_status": self.interrupt_status,
-                    "queues": [q.inspect(self.memory) for q in self.queues]}
+                    "queues": queues}
 
     # ----- snapshots and teardown -----
     def state(self) -> TransportState:
@@ -346,3 +358,13 @@ def _set_half(value: int, high: bool, half: int) -> int:
     if high:
         return (value & 0xFFFFFFFF) | (half << 32)
     return (value & ~0xFFFFFFFF) | half
+
+
+def _readable(fd: EventFd) -> bool:
+    """Whether *fd* is readable now, without reading it (a notify eventfd left undrained)."""
+    if fd.fileno() < 0:
+        return False
+    poller = select.poll()
+    poller.register(fd.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
+
