@@ -163,8 +163,8 @@ class _LabSession:
             if not modules:
                 return
             again = [n for n in self.nodeids if n.split("::")[0] in modules]
-            note = (f"the guest crashed (rebooted or, under QEMU, hung) in the KVM lab during {', '.join(modules)}: "
-                    f"running its {len(again)} tests once more in a fresh lab")
+            note = (f"the guest crashed in the KVM lab (rebooted, livelocked in KVM's emulator, or hung under "
+                    f"QEMU) during {', '.join(modules)}: running its {len(again)} tests once more in a fresh lab")
             if tr is not None:
                 tr.write_sep("!", note)
             self.guest_crashes.append(note)
