@@ -250,7 +250,7 @@ def test_echo_through_a_host_initiated_connection(vm):
     s = vm.connect(ECHO)
     s.sendall(b"hello vsock\n")
     s.shutdown(socket.SHUT_WR)
-    assert recv_all(s) == b"hello vsock\n"
+    assert vm.receive(s) == b"hello vsock\n"
     s.close()
 
 
@@ -258,8 +258,7 @@ def test_64_connections_at_once_each_with_its_own_data(vm):
     socks = [vm.connect(ECHO) for _ in range(64)]
     data = [os.urandom(64 * 1024) + f"connection {i}\n".encode() for i in range(64)]
     results = [None] * 64
-
-    silent = []
+    silent = []  # what vm.receive said when a stream went silent
 
     def talk(i):
         sender = threading.Thread(target=lambda: (socks[i].sendall(data[i]), socks[i].shutdown(socket.SHUT_WR)))
@@ -400,7 +399,7 @@ def test_malformed_connect_line_closes_only_that_stream(vm):
         bad.close()
     good.sendall(b"still fine\n")
     good.shutdown(socket.SHUT_WR)
-    assert recv_all(good) == b"still fine\n"
+    assert vm.receive(good) == b"still fine\n"
     good.close()
 
 
