@@ -237,8 +237,9 @@ def run_qemu(image: str, aio: str, memory: str, command: str, timeout: float,
     result = run_qemu_exec(command, vcpus=1, memory=memory, timeout=timeout, tee=watcher,
                            extra_args=disk_args(image, cache="none", aio=aio))
     if result.status != 0:
+        livelock = f"; {result.livelock}" if result.livelock else ""
         raise RuntimeError(f"QEMU: the guest command ended with {result.status} (QEMU status "
-                           f"{result.vmm_returncode}):\n{result.output.decode(errors='replace')[-2000:]}\n"
+                           f"{result.vmm_returncode}{livelock}):\n{result.output.decode(errors='replace')[-2000:]}\n"
                            f"--- console ---\n{result.console.decode(errors='replace')[-3000:]}")
     return result.output.decode(errors="replace")
 

@@ -31,3 +31,13 @@ def test_a_qemu_guest_that_ends_is_not_hung(monkeypatch):
     result = qemu.run_qemu_exec("true", timeout=30)
     assert not result.timed_out and result.vmm_returncode == 0
     assert qemu_guest_hung(result) is None
+
+
+def test_a_hung_guest_says_when_its_vcpu_was_livelocked(monkeypatch):
+    monkeypatch.setattr(qemu, "qemu_command", lambda command, **kw: [sys.executable, "-c",
+                                                                      "import time; time.sleep(60)"])
+    looked = []
+    monkeypatch.setattr(qemu, "emulation_livelock", lambda pid: looked.append(pid) or "caught in the emulator")
+    result = qemu.run_qemu_exec("true", timeout=0.5)
+    assert looked and result.livelock == "caught in the emulator"  # looked at before the kill
+    assert "(caught in the emulator)" in qemu_guest_hung(result)

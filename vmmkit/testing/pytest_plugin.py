@@ -53,8 +53,9 @@ def qemu_guest_hung(result) -> str | None:
     if not result.timed_out:
         return None
     tail = result.console.decode(errors="replace")[-1500:]
+    livelock = f" ({result.livelock})" if result.livelock else ""
     return (f"{QEMU_GUEST_HUNG}: killed after {result.seconds:.0f}s with {len(result.output)} bytes of output "
-            f"and no exit status; console tail:\n{tail}")
+            f"and no exit status{livelock}; console tail:\n{tail}")
 
 
 def pytest_addoption(parser):

@@ -19,6 +19,7 @@ from ..guest import build
 from ..guest.execcmd import exec_param, exec_stream
 from ..lab.run import drive_options, qemu_escape
 from ..vm import BASE_CMDLINE, EXEC_CMDLINE
+from .kvm_debugfs import emulation_livelock
 
 @attrs.frozen
 class ExecResult:
@@ -30,6 +31,7 @@ class ExecResult:
     seconds: float          # wall time from VMM process start to its exit
     vmm_returncode: int
     timed_out: bool = False  # the guest was still running at the timeout, and was killed
+    livelock: str | None = None  # at the timeout: its vCPU was caught in KVM's emulator (kvm_debugfs)
 
 
 def qemu_binary() -> str:
@@ -88,12 +90,13 @@ def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> Exec
         tee.pid = proc.pid
     try:
         deadline = started + timeout
-        timed_out = False
+        timed_out, livelock = False, None
         while True:
             # Wait with the deadline: a guest that hangs silently sends nothing to read.
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
             if not ready:
                 timed_out = True
+                livelock = emulation_livelock(proc.pid)
                 proc.kill()
                 break
             chunk = os.read(proc.stdout.fileno(), 65536)
@@ -107,7 +110,7 @@ def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> Exec
             proc.wait()
     stream.close()
     return ExecResult(stream.status, out.getvalue(), bytes(stream.log), time.monotonic() - started, proc.returncode,
-                      timed_out)
+                      timed_out, livelock)
 
 
 class _Tee:
