@@ -5,25 +5,19 @@ import pty
 import re
 import select
 import subprocess
-import sys
 import time
 
 import pytest
 
-pytestmark = pytest.mark.guest
+from vmmkit.testing.runner import VMMKIT, run_exec
 
-VMMKIT = [sys.executable, "-m", "vmmkit"]
+pytestmark = pytest.mark.guest
 
 
 def write_config(tmp_path, text):
     path = tmp_path / "vm.toml"
     path.write_text(text)
     return str(path)
-
-
-def run_exec(config, command, timeout=300):
-    return subprocess.run(VMMKIT + ["run", config, "--exec", command], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, timeout=timeout)
 
 
 # 4 vCPUs on a 2-vCPU lab sometimes crash the lab's own kernel (docs/lab.md): the pytest
