@@ -10,7 +10,7 @@ host's KVM cannot boot a stock kernel it then runs itself inside the KVM lab
 with a scratch disk (`vmmkit lab --scratch`); where KVM is real, or inside the
 lab, it runs in place (--lab changes that). There it fills a raw image with
 data (not sparse: reads hit real blocks) on a real filesystem (the image has
-to take O_DIRECT), then, for N rounds, boots the default guest (1 vCPU, --memory: 512M) under vmmkit and under QEMU
+to take O_DIRECT), then, for N rounds, boots the default guest (1 vCPU, 512M unless --memory says) under vmmkit and under QEMU
 (alternating which goes first) with the image as /dev/vda, both with host
 O_DIRECT (vmmkit: ``cache = "none"``; QEMU: ``cache=none,aio=io_uring``, or
 aio=threads where io_uring is refused), and runs fio in the guest on /dev/vda:
