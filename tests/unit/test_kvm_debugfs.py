@@ -61,3 +61,13 @@ def test_the_pytest_plugin_reruns_a_livelocked_guest_but_not_a_plain_hang(fake_k
     growing(monkeypatch, fake_kvm, exits=40100, insn_emulation=40010, pf_guest=39990)
     assert _lab_crash("no bytes for 20s on a stream; " + kvm_debugfs.emulation_livelock(4242))
     assert not _lab_crash("no bytes for 300s on a stream")
+
+
+def test_a_mount_that_cannot_run_says_why(tmp_path, monkeypatch):
+    monkeypatch.setattr(kvm_debugfs, "KVM_DIR", str(tmp_path / "absent"))
+
+    def no_mount(*args, **kwargs):
+        raise FileNotFoundError("mount")
+    monkeypatch.setattr(kvm_debugfs.subprocess, "run", no_mount)
+    assert "cannot mount debugfs" in kvm_debugfs.unavailable()
+    assert kvm_debugfs.emulation_livelock(4242) is None

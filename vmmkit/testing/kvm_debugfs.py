@@ -33,7 +33,11 @@ LIVELOCK_MIN_EMULATIONS = 1000
 def unavailable() -> Optional[str]:
     """None when per-VM counters can be read here (mounting debugfs if needed), else why not."""
     if not os.path.isdir(KVM_DIR):
-        proc = subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], capture_output=True, text=True)
+        try:
+            proc = subprocess.run(["mount", "-t", "debugfs", "none", DEBUGFS], capture_output=True, text=True,
+                                  timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"cannot mount debugfs at {DEBUGFS}: {exc}"
         if proc.returncode != 0 and not os.path.isdir(KVM_DIR):
             return f"cannot mount debugfs at {DEBUGFS}: {proc.stderr.strip() or proc.returncode}"
     if not os.path.isdir(KVM_DIR):
