@@ -11,12 +11,12 @@ lasts a little over 200 µs, longer than the kvm module's default window of
 import os
 import select
 import subprocess
-import sys
 import time
 
 import pytest
 
 from vmmkit.testing import kvm_debugfs
+from vmmkit.testing.runner import VMMKIT
 
 pytestmark = pytest.mark.guest
 
@@ -26,7 +26,7 @@ DONE = b"sleeps-done"
 def successful_polls(vmm, toml: str) -> int:
     """Boot with *toml*, have the guest sleep 200 µs 400 times, and return KVM's count of polled halts."""
     command = f"i=0; while [ $i -lt 400 ]; do usleep 200; i=$((i+1)); done; echo {DONE.decode()}; sleep 60"
-    proc = subprocess.Popen([sys.executable, "-m", "vmmkit", "run", vmm.config(toml), "--exec", command],
+    proc = subprocess.Popen(VMMKIT + ["run", vmm.config(toml), "--exec", command],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         out, deadline = b"", time.monotonic() + 240

@@ -136,24 +136,19 @@ class Vm:
         s.settimeout(min(limit, LIVELOCK_LOOK))
         try:
             while True:
+                had = len(out)
                 try:
-                    chunk = s.recv(1 << 20)
-                except ConnectionResetError:
-                    chunk = b""
+                    return recv_all(s, out)
                 except TimeoutError:
-                    quiet += s.gettimeout()
-                    if livelock := kvm_debugfs.emulation_livelock(self.proc.pid):
-                        self.unresponsive = f"no bytes for {quiet:g}s on a stream; {livelock}"
-                    elif quiet >= limit:
-                        self.unresponsive = f"no bytes for {quiet:g}s on a stream"
-                    else:
-                        continue
-                    raise AssertionError(f"{self.unresponsive}\n{self.output()}\ninspect: {self.inspect()}") \
-                        from None
-                if not chunk:
-                    return bytes(out)
-                out += chunk
-                quiet = 0.0
+                    # Silent since the last byte: this whole step, and the steps before it if none came.
+                    quiet = quiet + s.gettimeout() if len(out) == had else s.gettimeout()
+                if livelock := kvm_debugfs.emulation_livelock(self.proc.pid):
+                    self.unresponsive = f"no bytes for {quiet:g}s on a stream; {livelock}"
+                elif quiet >= limit:
+                    self.unresponsive = f"no bytes for {quiet:g}s on a stream"
+                else:
+                    continue
+                raise AssertionError(f"{self.unresponsive}\n{self.output()}\ninspect: {self.inspect()}")
         finally:
             s.settimeout(silence)
 
@@ -192,9 +187,13 @@ def connect(uds, port, deadline=120.0):
         time.sleep(0.2)
 
 
-def recv_all(s) -> bytes:
-    """Everything until the stream ends (a reset, when our own bytes went unread, ends it too)."""
-    out = bytearray()
+def recv_all(s, out=None) -> bytes:
+    """Everything until the stream ends (a reset, when our own bytes went unread, ends it too).
+
+    *out*, when given, collects the bytes as they come, so a caller keeps them when a timeout
+    cuts the read short.
+    """
+    out = bytearray() if out is None else out
     while True:
         try:
             chunk = s.recv(1 << 20)

@@ -149,11 +149,11 @@ class _LabSession:
         same emulation occasionally crashes the guests inside the lab under
         heavy interrupt load (a triple fault, or a fault in the interrupt
         entry and a panic), and once hung QEMU's own guest: a test module
-        whose failures say the guest rebooted, or QEMU's guest hung, runs
-        again, whole (its tests share one guest), in a fresh lab, up to
-        GUEST_CRASH_RETRIES times, and the output says so. Its
-        last result is the one reported; a failure that is not a crash is
-        never run again.
+        whose failures say the guest rebooted, its vCPU was caught in KVM's
+        instruction emulator, or QEMU's guest hung, runs again, whole (its
+        tests share one guest), in a fresh lab, up to GUEST_CRASH_RETRIES
+        times, and the output says so. Its last result is the one reported;
+        a failure that is not a crash is never run again.
         """
         tr = self.config.pluginmanager.getplugin("terminalreporter")
         self.results = {}
