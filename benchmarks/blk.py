@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import select
 import shutil
 import stat
 import statistics
@@ -41,6 +40,7 @@ import time
 from vmmkit.guest import build
 from vmmkit.guest.cpio import read_cpio
 from vmmkit.hostkvm import in_lab, kvm_status
+from vmmkit.testing.pipes import read_until
 from vmmkit.testing.qemu import disk_aio, disk_args, run_qemu_exec
 
 import kvmstats
@@ -198,20 +198,15 @@ def read_output(proc: subprocess.Popen, timeout: float, sink) -> tuple[bytes, bo
     silently sends nothing.
     """
     out = bytearray()
-    deadline = time.monotonic() + timeout
     ended = timed_out = False
+
+    def feed(chunk: bytes) -> None:
+        out.extend(chunk)
+        sink.write(chunk)
+
     try:
-        while True:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                timed_out = True
-                break
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                ended = True
-                break
-            out += chunk
-            sink.write(chunk)
+        timed_out = not read_until(proc.stdout, time.monotonic() + timeout, feed)
+        ended = not timed_out
     finally:
         if not ended:  # timed out, or the sink raised
             proc.kill()

@@ -8,14 +8,13 @@ lasts a little over 200 µs, longer than the kvm module's default window of
 200 µs: with the option ignored, the lab's KVM caught none.)
 """
 
-import os
-import select
 import subprocess
 import time
 
 import pytest
 
 from vmmkit.testing import kvm_debugfs
+from vmmkit.testing.pipes import read_until
 from vmmkit.testing.runner import VMMKIT
 
 pytestmark = pytest.mark.guest
@@ -29,14 +28,11 @@ def successful_polls(vmm, toml: str) -> int:
     proc = subprocess.Popen(VMMKIT + ["run", vmm.config(toml), "--exec", command],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        out, deadline = b"", time.monotonic() + 240
-        while DONE not in out:
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            chunk = os.read(proc.stdout.fileno(), 4096) if ready else b""
-            if not chunk:
-                proc.kill()
-                pytest.fail(f"the guest did not finish its sleeps: {out[-2000:]!r}\n{proc.stderr.read()[-2000:]!r}")
-            out += chunk
+        out = bytearray()
+        read_until(proc.stdout, time.monotonic() + 240, out.extend, done=lambda: DONE in out)
+        if DONE not in out:
+            proc.kill()
+            pytest.fail(f"the guest did not finish its sleeps: {bytes(out[-2000:])!r}\n{proc.stderr.read()[-2000:]!r}")
         assert len(kvm_debugfs.vm_dirs(proc.pid)) == 1, "the VMM's one VM in debugfs"
         return kvm_debugfs.counters(proc.pid, ["halt_successful_poll"])["halt_successful_poll"]
     finally:

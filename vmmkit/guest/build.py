@@ -29,7 +29,7 @@ GUEST_MODULES = [
     # The ACPI power button (vmmkit ctl shutdown) as an input device, for busybox acpid.
     "button", "evdev",
 ]
-FORMAT = 6  # bump when the image layout or /init changes, so caches rebuild
+FORMAT = 7  # bump when the image layout or /init changes, so caches rebuild
 
 EXEC_PARAM = "vmmkit.exec"
 # Only in the initramfs, not in rootfs.ext4: tells /init where it runs.
@@ -57,6 +57,11 @@ mount -t tmpfs tmpfs /dev/shm
 mount -t tmpfs tmpfs /tmp
 release=$(uname -r)
 while read -r m; do insmod "/lib/modules/$release/$m" 2>/dev/null; done < /etc/vmmkit/modules
+# No I/O scheduler on the virtio disks: the host already orders what the VMM
+# does with them, and a second scheduler in the guest costs the guest's CPU
+# on every request (mq-deadline, Linux's pick for a one-queue disk, halved
+# fio's speed on a one-vCPU guest in the lab: docs/benchmarks.md).
+for q in /sys/block/vd*/queue/scheduler; do [ -w "$q" ] && echo none > "$q"; done
 if [ -e @INITRAMFS_MARKER@ ]; then
   root= rootmode=rw
   for arg in $(cat /proc/cmdline); do

@@ -7,8 +7,6 @@ ratio vmmkit/QEMU on the same guest in the same run).
 from __future__ import annotations
 
 import io
-import os
-import select
 import shutil
 import subprocess
 import time
@@ -20,6 +18,7 @@ from ..guest.execcmd import exec_param, exec_stream
 from ..lab.run import drive_options, qemu_escape
 from ..vm import BASE_CMDLINE, EXEC_CMDLINE
 from .kvm_debugfs import emulation_livelock
+from .pipes import read_until
 
 @attrs.frozen
 class ExecResult:
@@ -91,18 +90,10 @@ def run_qemu_exec(command: str, *, timeout: float = 300, tee=None, **kw) -> Exec
     try:
         deadline = started + timeout
         timed_out, livelock = False, None
-        while True:
-            # Wait with the deadline: a guest that hangs silently sends nothing to read.
-            ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                timed_out = True
-                livelock = emulation_livelock(proc.pid)
-                proc.kill()
-                break
-            chunk = os.read(proc.stdout.fileno(), 65536)
-            if not chunk:
-                break
-            stream.feed(chunk)
+        if not read_until(proc.stdout, deadline, stream.feed):
+            timed_out = True
+            livelock = emulation_livelock(proc.pid)
+            proc.kill()
         proc.wait()
     finally:
         if proc.poll() is None:
