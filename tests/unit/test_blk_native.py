@@ -1084,21 +1084,21 @@ def test_a_busy_guest_gets_its_completions_together(rigs, image, io, monkeypatch
 def test_a_busy_guest_posts_without_kicks(rigs, image, monkeypatch, tmp_path, blocking):
     """With a request in flight, a busy guest is asked for no kick; a waiting one is, after every round.
 
-    The thread pool stands in for a slow disk (20 ms a request, so that a
-    loaded host still posts in time), and the driver keeps two requests in
-    flight half a request apart, posting the next as each comes back and
-    kicking only when the device asked for it: a request the device failed
-    to find by itself would never be answered, and the test fails on the
-    10 s wait. Interrupts are not held here, so that each completion comes
-    back alone.
+    The thread pool stands in for a slow disk (50 ms a request, so that a
+    loaded host still posts in time: with 20 ms it once did not), and the
+    driver keeps two requests in flight half a request apart, posting the
+    next as each comes back and kicking only when the device asked for it: a
+    request the device failed to find by itself would never be answered, and
+    the test fails on the 10 s wait. Interrupts are not held here, so that
+    each completion comes back alone.
     """
     from vmmkit_plugins.blk import native as blk_native
     monkeypatch.setattr(blk_native, "BUSY_SHIFT", 63)
     activity = _fake_activity(tmp_path, monkeypatch, blocking)
     r = rigs(image, engine="native-loop", io="threads", event_idx=True)
-    r.dev.native._blk.pool_delay_ns = 20_000_000
+    r.dev.native._blk.pool_delay_ns = 50_000_000
     total = 40
-    kicks = _drive(r, total, lambda _in_flight, answered: answered, stagger=0.010)
+    kicks = _drive(r, total, lambda _in_flight, answered: answered, stagger=0.025)
     stats = r.dev.native.stats()
     if blocking:
         assert stats["serve_busy_unarmed"] == 0 and kicks > total // 2, (kicks, stats)
