@@ -12,7 +12,7 @@ def child(code: str) -> subprocess.Popen:
 
 
 def test_a_silent_child_is_left_at_the_deadline():
-    proc = child("import sys, time; sys.stdout.write('up'); sys.stdout.flush(); time.sleep(60)")
+    proc = child("import os, time; os.write(1, b'up'); time.sleep(60)")
     got = bytearray()
     try:
         started = time.monotonic()
@@ -34,7 +34,7 @@ def test_the_end_of_the_output_ends_the_read():
 
 
 def test_done_stops_the_read_before_the_end():
-    proc = child("import sys, time; print('ready', flush=True); time.sleep(60)")
+    proc = child("import os, time; os.write(1, b'ready\\n'); time.sleep(60)")  # one write: one chunk
     got = bytearray()
     try:
         assert read_until(proc.stdout, time.monotonic() + 60, got.extend, done=lambda: b"ready" in got) is True
