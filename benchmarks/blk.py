@@ -198,20 +198,19 @@ def read_output(proc: subprocess.Popen, timeout: float, sink) -> tuple[bytes, bo
     silently sends nothing.
     """
     out = bytearray()
-    ended = timed_out = False
+    ended = False
 
     def feed(chunk: bytes) -> None:
         out.extend(chunk)
         sink.write(chunk)
 
     try:
-        timed_out = not read_until(proc.stdout, time.monotonic() + timeout, feed)
-        ended = not timed_out
+        ended = read_until(proc.stdout, time.monotonic() + timeout, feed)
     finally:
         if not ended:  # timed out, or the sink raised
             proc.kill()
         proc.wait()
-    return bytes(out), timed_out
+    return bytes(out), not ended
 
 
 def run_vmmkit(config: str, command: str, timeout: float, watcher: kvmstats.MarkWatcher) -> str:
