@@ -16,10 +16,12 @@ O_DIRECT (vmmkit: ``cache = "none"``; QEMU: ``cache=none,aio=io_uring``, or
 aio=threads where io_uring is refused), and runs fio in the guest on /dev/vda:
 direct=1, libaio, iodepth=32, four jobs one after the other (sequential 1 MiB
 read and write, random 4 KiB read and write), each for --runtime seconds.
-Finally fio runs on the image file itself, where the VMMs run: the limit.
+Between the two VMMs of every round, fio runs the same jobs on the image file
+itself, where the VMMs run: the limit.
 
 It prints medians over the rounds: MB/s (10^6 bytes) for sequential jobs, IOPS
-for random ones, with the ratios vmmkit/QEMU and vmmkit/limit. Absolute
+for random ones, with the ratios vmmkit/QEMU and vmmkit/limit, each the median
+of the rounds' own ratios (the host's speed moves between rounds). Absolute
 numbers inside the lab mean little (everything is emulated); the ratios from
 one run are what to compare.
 """
@@ -239,6 +241,14 @@ def run_qemu(image: str, aio: str, memory: str, command: str, timeout: float,
     return result.output.decode(errors="replace")
 
 
+def run_limit(fio: list[str], image: str, runtime: int) -> dict[str, float]:
+    """The limit: the same fio jobs on the image file itself, where the VMMs run."""
+    proc = subprocess.run(fio + fio_args(image, runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"fio on {image} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return parse(proc.stdout, cut=False)
+
+
 def describe(values: dict[str, float]) -> str:
     return "  ".join(f"{name} {values[name]:.0f} {metric}" for name, _l, _o, metric in JOBS)
 
@@ -266,15 +276,23 @@ def benchmark(opts) -> int:
         timeout = 240 + 4 * opts.runtime * len(JOBS)
         results: dict[str, list[dict[str, float]]] = {"vmmkit": [], "qemu": []}
         counters: dict[str, list[dict[str, dict[str, float]]]] = {"vmmkit": [], "qemu": []}
+        where = "lab" if in_lab() else "host"
         why_not = kvmstats.available()
         if why_not:
             log(f"no KVM counters in this run: {why_not}")
+        fio = unpacked_fio(opts.fio_root) if opts.fio_root else host_fio(tmp)[0]
         runners = {"vmmkit": lambda w: run_vmmkit(config, command, timeout, w),
                    "qemu": lambda w: run_qemu(image, aio, opts.memory, command, timeout, w)}
+        limits: list[dict[str, float]] = []
         failed = 0
         for i in range(opts.rounds):
-            order = ["vmmkit", "qemu"] if i % 2 == 0 else ["qemu", "vmmkit"]
+            # The limit runs between the two VMMs, so each round's three numbers see the same host.
+            order = ["vmmkit", "limit", "qemu"] if i % 2 == 0 else ["qemu", "limit", "vmmkit"]
             for name in order:
+                if name == "limit":
+                    limits.append(run_limit(fio, image, opts.runtime))
+                    log(f"round {i + 1} {where}: {describe(limits[-1])}")
+                    continue
                 while True:
                     t0 = time.monotonic()
                     watcher = kvmstats.MarkWatcher(reader=None if why_not else kvmstats.read)
@@ -290,26 +308,28 @@ def benchmark(opts) -> int:
                 results[name].append(values)
                 counters[name].append(job_counters(watcher))
                 log(f"round {i + 1} {name}: {describe(results[name][-1])} ({time.monotonic() - t0:.0f}s)")
-        fio = unpacked_fio(opts.fio_root) if opts.fio_root else host_fio(tmp)[0]
-        proc = subprocess.run(fio + fio_args(image, opts.runtime), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True)
-        if proc.returncode != 0:
-            raise SystemExit(f"fio on {image} failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        limit = parse(proc.stdout, cut=False)
-        log(f"limit ({'lab' if in_lab() else 'host'}): {describe(limit)}")
+            log(f"round {i + 1} vmmkit/QEMU, vmmkit/{where}: " + "  ".join(
+                f"{job} {results['vmmkit'][-1][job] / results['qemu'][-1][job]:.2f} "
+                f"{results['vmmkit'][-1][job] / limits[-1][job]:.2f}" for job, *_ in JOBS))
 
-    def med(name, job):
-        return statistics.median(r[job] for r in results[name])
+    def med(values, job):
+        return statistics.median(r[job] for r in values)
 
-    where = "lab" if in_lab() else "host"
+    def ratio(over, job):
+        # The median of each round's own ratio: the host's speed moves between rounds
+        # (by half in a busy lab), and within a round the three runs are minutes apart.
+        return statistics.median(v[job] / o[job] for v, o in zip(results["vmmkit"], over))
+
     print(f"\nblk benchmark: {opts.size_mib} MiB raw image, fio libaio direct=1 iodepth=32, {opts.runtime}s per job, "
-          f"{opts.rounds} round{'s' if opts.rounds > 1 else ''} (medians), guest 1 vCPU {opts.memory}, kernel {files.release}")
+          f"{opts.rounds} round{'s' if opts.rounds > 1 else ''} (medians; ratios are medians of each round's), "
+          f"guest 1 vCPU {opts.memory}, kernel {files.release}")
     print(f"vmmkit: cache=\"none\"{f', engine={opts.engine!r}' if opts.engine else ''}; "
-          f"QEMU microvm: cache=none,aio={aio}; {where}: fio on the image file")
+          f"QEMU microvm: cache=none,aio={aio}; {where}: fio on the image file, between the VMMs in every round")
     print(f"{'job':<22}{'QEMU':>10}{'vmmkit':>10}{'vmmkit/QEMU':>13}{where:>10}{f'vmmkit/{where}':>13}")
     for name, label, _opts, metric in JOBS:
-        q, v, lim = med("qemu", name), med("vmmkit", name), limit[name]
-        print(f"{f'{label} ({metric})':<22}{q:>10.0f}{v:>10.0f}{v / q:>12.2f}x{lim:>10.0f}{v / lim:>12.2f}x")
+        q, v, lim = med(results["qemu"], name), med(results["vmmkit"], name), med(limits, name)
+        print(f"{f'{label} ({metric})':<22}{q:>10.0f}{v:>10.0f}{ratio(results['qemu'], name):>12.2f}x"
+              f"{lim:>10.0f}{ratio(limits, name):>12.2f}x")
     print(GOAL)
     if not why_not:
         print_counters(counters)
@@ -382,7 +402,7 @@ def main() -> int:
         argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]] + ([f"--fio-root={root}"] if root else [])
         scratch = f"{opts.size_mib + 512 + opts.size_mib // 4}M"
         # A lab machine that wedges (docs/lab.md) would otherwise hang here for good.
-        timeout = 900 + opts.rounds * 2 * (300 + 3 * len(JOBS) * opts.runtime)
+        timeout = 900 + opts.rounds * (2 * (300 + 3 * len(JOBS) * opts.runtime) + 3 * len(JOBS) * opts.runtime)
         log(f"running in the KVM lab with a {scratch} scratch disk")
         status = run_in_lab(argv, scratch=scratch, timeout=timeout)
         if status == LAB_FAILED:

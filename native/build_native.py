@@ -122,7 +122,7 @@ struct vmm_serve {
     uint32_t lazy_min; uint32_t coalesce_min; uint32_t coalesce_shift; uint64_t coalesce_floor_ns;
     uint64_t coalesce_max_ns;
     const int32_t *vcpu_fds; uint32_t nvcpus; uint32_t blocking_off; uint32_t halts_off; uint32_t busy_shift;
-    uint64_t busy_poll_ns; uint32_t busy_lazy;
+    uint64_t busy_poll_ns; uint32_t busy_lazy; uint64_t busy_floor_ns;
     int32_t stop; uint64_t wakeups; uint64_t interrupts; uint64_t coalesced; uint64_t busy_held;
     uint64_t busy_unarmed;
 };

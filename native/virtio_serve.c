@@ -60,6 +60,14 @@ struct vmm_serve {
      * brings the loop back to the ring, and so does a look every
      * busy_poll_ns, which asks for kicks again once a vCPU halts. */
     uint32_t busy_lazy;
+    /* blk: while the guest is busy and streaming (the last interrupt carried
+     * two or more completions), an interrupt waits at least this long (capped
+     * at coalesce_max_ns), even with no request left in flight: a device
+     * faster than the guest leaves nothing in flight, yet the busy guest goes
+     * on posting, and each interrupt would carry one completion. A guest with
+     * one request at a time never streams, so it keeps its interrupt at once
+     * (0: only the latency rule). */
+    uint64_t busy_floor_ns;
     /* out */
     int32_t stop;               /* VMM_SERVE_STOP_* */
     uint64_t wakeups;
@@ -161,7 +169,7 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
     };
     nfds_t n = io->efd >= 0 ? 4 : 3;
     uint64_t io_errors = blk->io_errors;
-    int rc = 0, owed = 0, irqs = 0, held_busy = 0;
+    int rc = 0, owed = 0, irqs = 0, held_busy = 0, streaming = 0;
     uint16_t owed_from = 0;
     uint64_t deadline = 0, halts = 0, now_halts = 0, lazy_halts = UINT64_MAX;
     s->stop = VMM_SERVE_STOP_CONTROL;
@@ -189,10 +197,13 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         if (irq && !owed) {
             uint64_t delay = 0;
             held_busy = 0;
-            if (s->coalesce_min && vmm_blk_inflight(io)) {
+            int stream = streaming && s->busy_floor_ns;
+            if (s->coalesce_min && (vmm_blk_inflight(io) || stream)) {
                 if (s->nvcpus && !vmm_guest_waits(s, &halts)) {
-                    held_busy = 1;
+                    held_busy = 1 + stream;
                     delay = io->latency_ns >> s->busy_shift;
+                    if (stream && delay < s->busy_floor_ns)
+                        delay = s->busy_floor_ns;
                 } else if (vmm_blk_inflight(io) >= s->coalesce_min) {
                     delay = io->latency_ns >> s->coalesce_shift;
                 }
@@ -207,7 +218,7 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         irqs += irq;
         int go = 0;
         if (owed) {
-            if (r < 0 || !deadline || !vmm_blk_inflight(io) || vmm_now_ns() >= deadline)
+            if (r < 0 || !deadline || (!vmm_blk_inflight(io) && held_busy < 2) || vmm_now_ns() >= deadline)
                 go = 1;
             else if (held_busy)
                 go = vmm_guest_waits(s, &now_halts) || now_halts != halts;
@@ -219,6 +230,7 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
                 vmm_irq_used(s->isr, s->irq_fd);
                 s->interrupts++;
                 int more = deadline && vq->next_used != (uint16_t)(owed_from + 1);
+                streaming = (uint16_t)(vq->next_used - owed_from) >= 2;
                 s->coalesced += more;
                 s->busy_held += more && held_busy;
             }
