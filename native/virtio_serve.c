@@ -152,7 +152,8 @@ static int vmm_guest_waits(const struct vmm_serve *s, uint64_t *halts)
  * flight, unless the guest is busy: a guest waiting on one request gets it
  * at once, but one whose vCPUs all run (no halt since the interrupt fell
  * due) is not waiting, and takes its completions together a little later
- * (s->busy_*). Nothing is left owed when the loop returns.
+ * (s->busy_*); one that streams waits at least busy_floor_ns, with requests
+ * in flight or not. Nothing is left owed when the loop returns.
  *
  * Kicks cost the guest an exit each too: the loop asks for none while
  * lazy_min requests are in flight, or while the guest is busy and any is
@@ -169,7 +170,9 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
     };
     nfds_t n = io->efd >= 0 ? 4 : 3;
     uint64_t io_errors = blk->io_errors;
-    int rc = 0, owed = 0, irqs = 0, held_busy = 0, streaming = 0;
+    /* streaming: the last interrupt carried two or more completions; held_empty: the interrupt
+     * owed now waits on with nothing in flight (the busy floor). */
+    int rc = 0, owed = 0, irqs = 0, held_busy = 0, streaming = 0, held_empty = 0;
     uint16_t owed_from = 0;
     uint64_t deadline = 0, halts = 0, now_halts = 0, lazy_halts = UINT64_MAX;
     s->stop = VMM_SERVE_STOP_CONTROL;
@@ -196,11 +199,12 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         s->busy_unarmed += unarmed;
         if (irq && !owed) {
             uint64_t delay = 0;
-            held_busy = 0;
+            held_busy = held_empty = 0;
             int stream = streaming && s->busy_floor_ns;
             if (s->coalesce_min && (vmm_blk_inflight(io) || stream)) {
                 if (s->nvcpus && !vmm_guest_waits(s, &halts)) {
-                    held_busy = 1 + stream;
+                    held_busy = 1;
+                    held_empty = stream;
                     delay = io->latency_ns >> s->busy_shift;
                     if (stream && delay < s->busy_floor_ns)
                         delay = s->busy_floor_ns;
@@ -218,7 +222,7 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
         irqs += irq;
         int go = 0;
         if (owed) {
-            if (r < 0 || !deadline || (!vmm_blk_inflight(io) && held_busy < 2) || vmm_now_ns() >= deadline)
+            if (r < 0 || !deadline || (!vmm_blk_inflight(io) && !held_empty) || vmm_now_ns() >= deadline)
                 go = 1;
             else if (held_busy)
                 go = vmm_guest_waits(s, &now_halts) || now_halts != halts;
