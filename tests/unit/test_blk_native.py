@@ -1014,6 +1014,19 @@ def _fake_activity(tmp_path, monkeypatch, blocking):
     return activity
 
 
+def _busy_rig(rigs, image, monkeypatch, tmp_path, blocking, io, pool_delay_ns=0, **constants):
+    """A native-loop rig whose vCPU statistics say *blocking* (or busy), with the blk module's
+    *constants* set for the test, and a thread pool that takes *pool_delay_ns* a request."""
+    from vmmkit_plugins.blk import native as blk_native
+    for name, value in constants.items():
+        monkeypatch.setattr(blk_native, name, value)
+    activity = _fake_activity(tmp_path, monkeypatch, blocking)
+    r = rigs(image, engine="native-loop", io=io, event_idx=True)
+    if pool_delay_ns:
+        r.dev.native._blk.pool_delay_ns = pool_delay_ns
+    return r, activity
+
+
 def _drive(r, total, refill, stagger=0.0):
     """A driver as Linux's writing *total* sectors: two requests first (*stagger* seconds apart),
     then ``refill(in_flight, answered)`` more after each batch of used entries, kicking only
@@ -1057,14 +1070,11 @@ def test_a_busy_guest_gets_its_completions_together(rigs, image, io, monkeypatch
     partner nearly always finishes within it; the driver fails on a lost
     interrupt either way.
     """
-    from vmmkit_plugins.blk import native as blk_native
-    monkeypatch.setattr(blk_native, "BUSY_SHIFT", 0)
-    monkeypatch.setattr(blk_native, "COALESCE_FLOOR_NS", 0)
-    monkeypatch.setattr(blk_native, "BUSY_FLOOR_NS", 0)  # the latency rule alone (the next tests take the floor)
-    activity = _fake_activity(tmp_path, monkeypatch, blocking)
-    r = rigs(image, engine="native-loop", io=io, event_idx=True)
-    if io == "threads":
-        r.dev.native._blk.pool_delay_ns = 1_000_000  # a disk, not the page cache: on a loaded host too, some stay in flight
+    # BUSY_FLOOR_NS 0: the latency rule alone (the streaming tests take the floor). The thread
+    # pool is a disk, not the page cache: on a loaded host too, some stay in flight.
+    r, activity = _busy_rig(rigs, image, monkeypatch, tmp_path, blocking, io,
+                            pool_delay_ns=1_000_000 if io == "threads" else 0,
+                            BUSY_SHIFT=0, COALESCE_FLOOR_NS=0, BUSY_FLOOR_NS=0)
     # Two requests in flight (under COALESCE_MIN_INFLIGHT): the next pair goes once both are back.
     _drive(r, 120, lambda in_flight, _answered: 0 if in_flight else 2)
     stats = r.dev.native.stats()
@@ -1093,12 +1103,8 @@ def test_a_busy_guest_posts_without_kicks(rigs, image, monkeypatch, tmp_path, bl
     the test fails on the 10 s wait. Interrupts are not held here, so that
     each completion comes back alone.
     """
-    from vmmkit_plugins.blk import native as blk_native
-    monkeypatch.setattr(blk_native, "BUSY_SHIFT", 63)
-    monkeypatch.setattr(blk_native, "BUSY_FLOOR_NS", 0)
-    activity = _fake_activity(tmp_path, monkeypatch, blocking)
-    r = rigs(image, engine="native-loop", io="threads", event_idx=True)
-    r.dev.native._blk.pool_delay_ns = 50_000_000
+    r, activity = _busy_rig(rigs, image, monkeypatch, tmp_path, blocking, "threads", pool_delay_ns=50_000_000,
+                            BUSY_SHIFT=63, BUSY_FLOOR_NS=0)
     total = 40
     kicks = _drive(r, total, lambda _in_flight, answered: answered, stagger=0.025)
     stats = r.dev.native.stats()
@@ -1148,12 +1154,8 @@ def test_a_busy_streaming_guest_takes_its_completions_together(rigs, image, monk
     interrupts that carry several completions each, held by the floor also with nothing in
     flight; the latency rule alone would give it one per request or two. A waiting guest gets
     each at once."""
-    from vmmkit_plugins.blk import native as blk_native
-    monkeypatch.setattr(blk_native, "BUSY_FLOOR_NS", 20_000_000)
-    monkeypatch.setattr(blk_native, "COALESCE_MAX_NS", 20_000_000)
-    activity = _fake_activity(tmp_path, monkeypatch, blocking)
-    r = rigs(image, engine="native-loop", io="threads", event_idx=True)
-    r.dev.native._blk.pool_delay_ns = 2_000_000
+    r, activity = _busy_rig(rigs, image, monkeypatch, tmp_path, blocking, "threads", pool_delay_ns=2_000_000,
+                            BUSY_FLOOR_NS=20_000_000, COALESCE_MAX_NS=20_000_000)
     total = 120
     interrupts = _stream(r, total, depth=8, gap=0.001)
     stats = r.dev.native.stats()
@@ -1169,11 +1171,8 @@ def test_a_busy_guest_with_one_request_at_a_time_gets_it_at_once(rigs, image, mo
     """The floor is for streams: a busy guest that waits for each request before it posts the next
     (a synchronous reader beside a CPU hog) never has two completions in one interrupt, so its
     interrupts never wait with nothing in flight."""
-    from vmmkit_plugins.blk import native as blk_native
-    monkeypatch.setattr(blk_native, "BUSY_FLOOR_NS", 20_000_000)
-    monkeypatch.setattr(blk_native, "COALESCE_MAX_NS", 20_000_000)
-    activity = _fake_activity(tmp_path, monkeypatch, blocking=False)
-    r = rigs(image, engine="native-loop", io="sync", event_idx=True)
+    r, activity = _busy_rig(rigs, image, monkeypatch, tmp_path, False, "sync",
+                            BUSY_FLOOR_NS=20_000_000, COALESCE_MAX_NS=20_000_000)
     total = 40
     assert _stream(r, total, depth=1, gap=0.001) == total
     stats = r.dev.native.stats()
