@@ -7,16 +7,16 @@ involved; the same helper is the peer in the benchmarks.
 import pytest
 
 from vmmkit.testing import qemu
-from vmmkit.testing.pytest_plugin import qemu_guest_hung
+from vmmkit.testing.pytest_plugin import qemu_guest_crashed
 
 pytestmark = pytest.mark.guest
 
 
 def run_qemu_exec(command: str, **kw):
-    """qemu.run_qemu_exec, failing (in words the lab session reruns) when QEMU's guest hung."""
+    """qemu.run_qemu_exec, failing (in words the lab session reruns) when QEMU's guest hung or rebooted."""
     result = qemu.run_qemu_exec(command, **kw)
-    if hung := qemu_guest_hung(result):
-        pytest.fail(hung)
+    if crashed := qemu_guest_crashed(result):
+        pytest.fail(crashed)
     return result
 
 

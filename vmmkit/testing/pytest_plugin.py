@@ -36,26 +36,34 @@ GUEST_CRASH_RETRIES = 4
 #: What `vmmkit run --exec` prints when the guest rebooted or triple-faulted: no guest
 #: test's command reboots, so in a failure's text this means the guest crashed.
 GUEST_REBOOTED = STOPPED_EARLY.split("{why}")[0] + "reboot"
-#: What a QEMU peer test fails with when QEMU's guest hung in the lab (see qemu_guest_hung):
-#: QEMU is not ours, so its guest hanging is the emulation failing, as a crash is.
+#: What a QEMU peer test fails with when QEMU's guest hung in the lab, or ended before its
+#: command did (see qemu_guest_crashed): QEMU is not ours, so its guest hanging or rebooting
+#: is the emulation failing, as a crash of vmmkit's guest is.
 QEMU_GUEST_HUNG = "QEMU's guest hung in the KVM lab"
+QEMU_GUEST_ENDED = "QEMU's guest ended in the KVM lab before its command did"
 #: A failure whose text holds one of these was the lab's emulation (docs/lab.md), not the test.
-LAB_CRASH_SIGNS = (GUEST_REBOOTED, QEMU_GUEST_HUNG, EMULATION_LIVELOCK)
+LAB_CRASH_SIGNS = (GUEST_REBOOTED, QEMU_GUEST_HUNG, QEMU_GUEST_ENDED, EMULATION_LIVELOCK)
 
 
 def _lab_crash(failure: str) -> bool:
     return any(sign in failure for sign in LAB_CRASH_SIGNS)
 
 
-def qemu_guest_hung(result) -> str | None:
+def qemu_guest_crashed(result) -> str | None:
     """For a QEMU peer's ExecResult: a failure message carrying QEMU_GUEST_HUNG when its guest
-    was killed at the timeout, else None (``if msg := qemu_guest_hung(r): pytest.fail(msg)``)."""
-    if not result.timed_out:
-        return None
+    was killed at the timeout, or QEMU_GUEST_ENDED when QEMU exited cleanly and the guest
+    never reported its command's status (QEMU runs with -no-reboot, so a guest that reboots,
+    after a panic or a triple fault, ends it with status 0); else None
+    (``if msg := qemu_guest_crashed(r): pytest.fail(msg)``)."""
     tail = result.console.decode(errors="replace")[-1500:]
-    livelock = f" ({result.livelock})" if result.livelock else ""
-    return (f"{QEMU_GUEST_HUNG}: killed after {result.seconds:.0f}s with {len(result.output)} bytes of output "
-            f"and no exit status{livelock}; console tail:\n{tail}")
+    if result.timed_out:
+        livelock = f" ({result.livelock})" if result.livelock else ""
+        return (f"{QEMU_GUEST_HUNG}: killed after {result.seconds:.0f}s with {len(result.output)} bytes of output "
+                f"and no exit status{livelock}; console tail:\n{tail}")
+    if result.status is None and result.vmm_returncode == 0:
+        return (f"{QEMU_GUEST_ENDED}: QEMU exited after {result.seconds:.0f}s with status 0 (a reboot, under "
+                f"-no-reboot) and {len(result.output)} bytes of output, no exit status; console tail:\n{tail}")
+    return None
 
 
 def pytest_addoption(parser):
