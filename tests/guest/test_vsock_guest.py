@@ -120,7 +120,7 @@ class Vm:
         except (AssertionError, OSError) as exc:
             # As at any guest test's timeout: a vCPU caught in KVM's emulator is the lab's
             # emulated CPU failing (docs/lab.md), and its words have the module run again.
-            livelock = kvm_debugfs.emulation_livelock(self.proc.pid) if self.proc.poll() is None else None
+            livelock = kvm_debugfs.emulation_livelock(self.proc.pid)  # None once vmmkit has ended
             self.unresponsive = f"CONNECT {port}: {type(exc).__name__}: {exc}" + (f"; {livelock}" if livelock else "")
             raise AssertionError(f"{self.unresponsive}\n{self.output()}\ninspect: {self.inspect()}") from None
 

@@ -946,6 +946,19 @@ def test_bitmap_helpers():
     assert bm == bytearray(16)
 
 
+def _post_next(r, posted):
+    """Post the next of a run of one-sector writes: write i puts byte i (mod 256) in sector 8 * i."""
+    i = len(posted)
+    posted.append(r.post(T_OUT, 8 * i, bytes([i & 0xFF]) * SECTOR))
+
+
+def _assert_all_written(r, posted, got):
+    """Every posted write came back in the used ring, once, and its sector holds its byte."""
+    assert sorted(h for h, _ in got) == sorted(posted)
+    for i in range(len(posted)):
+        assert file_bytes(r.path, 8 * i * SECTOR, SECTOR) == bytes([i & 0xFF]) * SECTOR
+
+
 def test_coalesced_interrupts_deliver_every_completion(rigs, image, io, monkeypatch):
     """The C loop may hold an interrupt back for more completions; none may be lost.
 
@@ -967,8 +980,7 @@ def test_coalesced_interrupts_deliver_every_completion(rigs, image, io, monkeypa
     posted, got, woken = [], [], 0
 
     def post():
-        i = len(posted)
-        posted.append(r.post(T_OUT, 8 * i, bytes([i & 0xFF]) * SECTOR))
+        _post_next(r, posted)
 
     for _ in range(depth):
         post()
@@ -987,10 +999,8 @@ def test_coalesced_interrupts_deliver_every_completion(rigs, image, io, monkeypa
                     post()
             if r.q.kick_prepare():
                 r.drv.notify(0)
-    assert sorted(h for h, _ in got) == sorted(posted)
+    _assert_all_written(r, posted, got)
     assert all(r.q.in_buffers(h)[-1] == bytes([S_OK]) for h in posted)
-    for i in range(total):
-        assert file_bytes(r.path, 8 * i * SECTOR, SECTOR) == bytes([i & 0xFF]) * SECTOR
     stats = r.dev.native.stats()
     # An interrupt waits only with requests still in flight when it falls due. The thread pool
     # finishes them one by one, so it always has some; io_uring may finish a whole batch at
@@ -1039,8 +1049,7 @@ def _drive(r, total, refill, stagger=0.0):
     def post(n):
         nonlocal kicks
         for _ in range(min(n, total - len(posted))):
-            i = len(posted)
-            posted.append(r.post(T_OUT, 8 * i, bytes([i & 0xFF]) * SECTOR))
+            _post_next(r, posted)
         if r.q.kick_prepare():
             r.drv.notify(0)
             kicks += 1
@@ -1056,9 +1065,7 @@ def _drive(r, total, refill, stagger=0.0):
         while new := r.q.get_used():
             got.extend(new)
             post(refill(len(posted) - len(got), len(new)))
-    assert sorted(h for h, _ in got) == sorted(posted)
-    for i in range(total):
-        assert file_bytes(r.path, 8 * i * SECTOR, SECTOR) == bytes([i & 0xFF]) * SECTOR
+    _assert_all_written(r, posted, got)
     return kicks
 
 
@@ -1127,8 +1134,7 @@ def _stream(r, total, depth, gap):
     last = time.monotonic()
     while len(got) < total:
         if len(posted) < total and len(posted) - len(got) < depth:
-            i = len(posted)
-            posted.append(r.post(T_OUT, 8 * i, bytes([i & 0xFF]) * SECTOR))
+            _post_next(r, posted)
             if r.q.kick_prepare():
                 r.drv.notify(0)
         ready, _, _ = select.select([r.irqfd.fd], [], [], gap)
@@ -1141,9 +1147,7 @@ def _stream(r, total, depth, gap):
                 last = time.monotonic()
         assert time.monotonic() - last < 10, (f"no completion for 10 s with {len(got)} of {total} answered; "
                                               f"stats {r.dev.native.stats()}")
-    assert sorted(h for h, _ in got) == sorted(posted)
-    for i in range(total):
-        assert file_bytes(r.path, 8 * i * SECTOR, SECTOR) == bytes([i & 0xFF]) * SECTOR
+    _assert_all_written(r, posted, got)
     return interrupts
 
 
