@@ -61,12 +61,12 @@ struct vmm_serve {
      * busy_poll_ns, which asks for kicks again once a vCPU halts. */
     uint32_t busy_lazy;
     /* blk: while the guest is busy and streaming (the last interrupt carried
-     * two or more completions), an interrupt waits at least this long (capped
-     * at coalesce_max_ns), even with no request left in flight: a device
-     * faster than the guest leaves nothing in flight, yet the busy guest goes
-     * on posting, and each interrupt would carry one completion. A guest with
-     * one request at a time never streams, so it keeps its interrupt at once
-     * (0: only the latency rule). */
+     * two or more completions), an interrupt waits this long (not capped by
+     * coalesce_max_ns: the hold ends as soon as a vCPU halts), even with no
+     * request left in flight: a device faster than the guest leaves nothing
+     * in flight, yet the busy guest goes on posting, and each interrupt would
+     * carry one completion. A guest with one request at a time never streams,
+     * so it keeps its interrupt at once (0: only the latency rule). */
     uint64_t busy_floor_ns;
     /* out */
     int32_t stop;               /* VMM_SERVE_STOP_* */
@@ -206,14 +206,14 @@ static int vmm_blk_serve(struct vmm_mem *mem, struct vmm_vq *vq, struct vmm_blk 
                     held_busy = 1;
                     held_empty = stream;
                     delay = io->latency_ns >> s->busy_shift;
-                    if (stream && delay < s->busy_floor_ns)
-                        delay = s->busy_floor_ns;
                 } else if (vmm_blk_inflight(io) >= s->coalesce_min) {
                     delay = io->latency_ns >> s->coalesce_shift;
                 }
             }
             if (delay > s->coalesce_max_ns)
                 delay = s->coalesce_max_ns;
+            if (held_empty && delay < s->busy_floor_ns)
+                delay = s->busy_floor_ns;
             owed = 1;
             owed_from = from;
             deadline = delay && delay >= s->coalesce_floor_ns ? io->now + delay : 0;

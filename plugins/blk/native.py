@@ -80,13 +80,16 @@ BUSY_POLL_NS = 200_000
 #: them without an exit.
 BUSY_LAZY_KICK = True
 #: While the guest is busy and streams (its last interrupt carried two or more
-#: completions), an interrupt waits at least this long for more, capped at
-#: COALESCE_MAX_NS, even with nothing left in flight: a disk faster than the
-#: guest finishes each request before the next is posted, so the latency rule
-#: alone gave a busy guest one interrupt per request or two. A guest with one
-#: request at a time never streams and keeps its interrupt at once. In the lab
-#: it halved the exits per 1 MiB write (docs/benchmarks.md).
-BUSY_FLOOR_NS = 2_000_000
+#: completions), an interrupt waits at least this long for more, even with
+#: nothing left in flight: a disk faster than the guest finishes each request
+#: before the next is posted, so the latency rule alone gave a busy guest one
+#: interrupt per request or two. COALESCE_MAX_NS does not cap it: the hold
+#: ends as soon as a vCPU halts (looked at every BUSY_POLL_NS), so only a
+#: guest with no time to take its completions waits, and each interrupt costs
+#: such a guest about four exits. A guest with one request at a time never
+#: streams and keeps its interrupt at once. In the lab 8 ms took a third fewer
+#: exits per 1 MiB write than 2 ms (docs/benchmarks.md).
+BUSY_FLOOR_NS = 8_000_000
 
 _KINDS = {"uring": lib.VMM_IO_URING, "threads": lib.VMM_IO_THREADS, "sync": lib.VMM_IO_SYNC}
 _NAMES = {v: k for k, v in _KINDS.items()}

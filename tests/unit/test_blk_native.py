@@ -1156,10 +1156,11 @@ def test_a_busy_streaming_guest_takes_its_completions_together(rigs, image, monk
     """A busy guest that streams (posts a request every millisecond, eight unanswered at most, on a
     disk of 2 ms a request: one or two in flight, often none when an interrupt falls due) gets
     interrupts that carry several completions each, held by the floor also with nothing in
-    flight; the latency rule alone would give it one per request or two. A waiting guest gets
+    flight; the latency rule alone would give it one per request or two. The floor is not capped
+    by COALESCE_MAX_NS (2 ms here, which would give it about 40 of 120). A waiting guest gets
     each at once."""
     r, activity = _busy_rig(rigs, image, monkeypatch, tmp_path, blocking, "threads", pool_delay_ns=2_000_000,
-                            BUSY_FLOOR_NS=20_000_000, COALESCE_MAX_NS=20_000_000)
+                            BUSY_FLOOR_NS=20_000_000)
     total = 120
     interrupts = _stream(r, total, depth=8, gap=0.001)
     stats = r.dev.native.stats()
@@ -1176,7 +1177,7 @@ def test_a_busy_guest_with_one_request_at_a_time_gets_it_at_once(rigs, image, mo
     (a synchronous reader beside a CPU hog) never has two completions in one interrupt, so its
     interrupts never wait with nothing in flight."""
     r, activity = _busy_rig(rigs, image, monkeypatch, tmp_path, False, "sync",
-                            BUSY_FLOOR_NS=20_000_000, COALESCE_MAX_NS=20_000_000)
+                            BUSY_FLOOR_NS=20_000_000)
     total = 40
     assert _stream(r, total, depth=1, gap=0.001) == total
     stats = r.dev.native.stats()
