@@ -61,8 +61,8 @@ struct vmm_serve {
      * busy_poll_ns, which asks for kicks again once a vCPU halts. */
     uint32_t busy_lazy;
     /* blk: while the guest is busy and streaming (the last interrupt carried
-     * two or more completions), an interrupt waits this long (not capped by
-     * coalesce_max_ns: the hold ends as soon as a vCPU halts), even with no
+     * two or more completions), an interrupt waits at least this long (not
+     * capped by coalesce_max_ns: the hold ends as soon as a vCPU halts), even with no
      * request left in flight: a device faster than the guest leaves nothing
      * in flight, yet the busy guest goes on posting, and each interrupt would
      * carry one completion. A guest with one request at a time never streams,

@@ -978,12 +978,8 @@ def test_coalesced_interrupts_deliver_every_completion(rigs, image, io, monkeypa
         r.dev.native._blk.pool_delay_ns = 1_000_000  # a disk, not the page cache: on a loaded host too, some stay in flight
     total, depth = 160, 32
     posted, got, woken = [], [], 0
-
-    def post():
-        _post_next(r, posted)
-
     for _ in range(depth):
-        post()
+        _post_next(r, posted)
     r.drv.notify(0)
     while len(got) < total:
         ready, _, _ = select.select([r.irqfd.fd], [], [], 10)
@@ -996,7 +992,7 @@ def test_coalesced_interrupts_deliver_every_completion(rigs, image, io, monkeypa
             got.extend(new)
             for _ in new:
                 if len(posted) < total:
-                    post()
+                    _post_next(r, posted)
             if r.q.kick_prepare():
                 r.drv.notify(0)
     _assert_all_written(r, posted, got)
