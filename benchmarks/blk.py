@@ -272,8 +272,7 @@ def benchmark(opts) -> int:
             if opts.engine:
                 f.write(f'engine = {json.dumps(opts.engine)}\n')
         command = guest_command(opts.runtime)
-        # A run takes a boot (under a minute even in a busy lab) and the jobs.
-        timeout = 240 + 4 * opts.runtime * len(JOBS)
+        timeout = run_timeout(opts.runtime)
         results: dict[str, list[dict[str, float]]] = {"vmmkit": [], "qemu": []}
         counters: dict[str, list[dict[str, dict[str, float]]]] = {"vmmkit": [], "qemu": []}
         where = "lab" if in_lab() else "host"
@@ -284,11 +283,24 @@ def benchmark(opts) -> int:
         runners = {"vmmkit": lambda w: run_vmmkit(config, command, timeout, w),
                    "qemu": lambda w: run_qemu(image, aio, opts.memory, command, timeout, w)}
         limits: list[dict[str, float]] = []
+        header = {"size_mib": opts.size_mib, "runtime": opts.runtime, "memory": opts.memory,
+                  "release": files.release, "engine": opts.engine, "aio": aio, "where": where,
+                  "kvm_counters": not why_not}
+
+        def save(doing: str) -> None:
+            # Before and after every run: the host's lab watch sees progress, and a lab that
+            # wedges later loses none of the rounds already measured (main() prints them).
+            if opts.progress:
+                with open(opts.progress, "w") as f:
+                    json.dump({**header, "doing": doing, "results": results, "limits": limits,
+                               "counters": counters}, f)
+
         failed = 0
         for i in range(opts.rounds):
             # The limit runs between the two VMMs, so each round's three numbers see the same host.
             order = ["vmmkit", "limit", "qemu"] if i % 2 == 0 else ["qemu", "limit", "vmmkit"]
             for name in order:
+                save(f"round {i + 1} {name}")
                 if name == "limit":
                     limits.append(run_limit(fio, image, opts.runtime))
                     log(f"round {i + 1} {where}: {describe(limits[-1])}")
@@ -305,12 +317,29 @@ def benchmark(opts) -> int:
                             raise
                         log(f"round {i + 1} {name} failed after {time.monotonic() - t0:.0f}s "
                             f"({failed} of {RUN_RETRIES} retries used), running it again:\n{str(exc)[-3000:]}")
+                        save(f"round {i + 1} {name} (again)")
                 results[name].append(values)
                 counters[name].append(job_counters(watcher))
                 log(f"round {i + 1} {name}: {describe(results[name][-1])} ({time.monotonic() - t0:.0f}s)")
             log(f"round {i + 1} vmmkit/QEMU, vmmkit/{where}: " + "  ".join(
                 f"{job} {results['vmmkit'][-1][job] / results['qemu'][-1][job]:.2f} "
                 f"{results['vmmkit'][-1][job] / limits[-1][job]:.2f}" for job, *_ in JOBS))
+        save("done")
+    report(header, results, limits, counters)
+    return 0
+
+
+def complete_rounds(results: dict[str, list[dict[str, float]]], limits: list[dict[str, float]]) -> int:
+    """How many rounds have all three runs (vmmkit, QEMU and the limit)."""
+    return min(len(results["vmmkit"]), len(results["qemu"]), len(limits))
+
+
+def report(header: dict, results: dict[str, list[dict[str, float]]], limits: list[dict[str, float]],
+           counters: dict[str, list[dict[str, dict[str, float]]]]) -> None:
+    """Print the table (and the KVM counters, when the run had them) over the rounds all three runs finished."""
+    n = complete_rounds(results, limits)
+    results = {vmm: runs[:n] for vmm, runs in results.items()}
+    limits, where = limits[:n], header["where"]
 
     def med(values, job):
         return statistics.median(r[job] for r in values)
@@ -320,20 +349,20 @@ def benchmark(opts) -> int:
         # (by half in a busy lab), and within a round the three runs are minutes apart.
         return statistics.median(v[job] / o[job] for v, o in zip(results["vmmkit"], over))
 
-    print(f"\nblk benchmark: {opts.size_mib} MiB raw image, fio libaio direct=1 iodepth=32, {opts.runtime}s per job, "
-          f"{opts.rounds} round{'s' if opts.rounds > 1 else ''} (medians; ratios are medians of each round's), "
-          f"guest 1 vCPU {opts.memory}, kernel {files.release}")
-    print(f"vmmkit: cache=\"none\"{f', engine={opts.engine!r}' if opts.engine else ''}; "
-          f"QEMU microvm: cache=none,aio={aio}; {where}: fio on the image file, between the VMMs in every round")
+    engine = header.get("engine")
+    print(f"\nblk benchmark: {header['size_mib']} MiB raw image, fio libaio direct=1 iodepth=32, "
+          f"{header['runtime']}s per job, {n} round{'s' if n > 1 else ''} (medians; ratios are medians of "
+          f"each round's), guest 1 vCPU {header['memory']}, kernel {header['release']}")
+    print(f"vmmkit: cache=\"none\"{f', engine={engine!r}' if engine else ''}; "
+          f"QEMU microvm: cache=none,aio={header['aio']}; {where}: fio on the image file, between the VMMs in every round")
     print(f"{'job':<22}{'QEMU':>10}{'vmmkit':>10}{'vmmkit/QEMU':>13}{where:>10}{f'vmmkit/{where}':>13}")
     for name, label, _opts, metric in JOBS:
         q, v, lim = med(results["qemu"], name), med(results["vmmkit"], name), med(limits, name)
         print(f"{f'{label} ({metric})':<22}{q:>10.0f}{v:>10.0f}{ratio(results['qemu'], name):>12.2f}x"
               f"{lim:>10.0f}{ratio(limits, name):>12.2f}x")
     print(GOAL)
-    if not why_not:
-        print_counters(counters)
-    return 0
+    if header["kvm_counters"]:
+        print_counters({vmm: runs[:n] for vmm, runs in counters.items()})
 
 
 def print_counters(counters: dict[str, list[dict[str, dict[str, float]]]]) -> None:
@@ -382,6 +411,7 @@ def main() -> int:
                         help="run inside the KVM lab: auto (when this host's KVM cannot boot a stock kernel), "
                         "always or never")
     parser.add_argument("--fio-root", default=None, help=argparse.SUPPRESS)  # the guest's fio, unpacked by the host
+    parser.add_argument("--progress", default=None, help=argparse.SUPPRESS)  # the lab's state file, for the host
     opts = parser.parse_args()
     if opts.rounds < 1 or opts.runtime < 1:
         parser.error("--rounds and --runtime must be at least 1")
@@ -399,15 +429,46 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vmmkit-blkbench-fio-") as tmp:
         # The lab sees the host's root, so fio unpacked here (when the host has none) runs there.
         _fio, root = host_fio(tmp)
-        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]] + ([f"--fio-root={root}"] if root else [])
+        progress = os.path.join(tmp, "progress.json")
+        argv = ([sys.executable, os.path.abspath(__file__), *sys.argv[1:], f"--progress={progress}"]
+                + ([f"--fio-root={root}"] if root else []))
         scratch = f"{opts.size_mib + 512 + opts.size_mib // 4}M"
         # A lab machine that wedges (docs/lab.md) would otherwise hang here for good.
         timeout = 900 + opts.rounds * (2 * (300 + 3 * len(JOBS) * opts.runtime) + 3 * len(JOBS) * opts.runtime)
         log(f"running in the KVM lab with a {scratch} scratch disk")
-        status = run_in_lab(argv, scratch=scratch, timeout=timeout)
-        if status == LAB_FAILED:
-            log("the KVM lab itself failed (see its console above and docs/lab.md): run the benchmark again")
+        status = run_in_lab(argv, scratch=scratch, timeout=timeout, shares=[tmp],
+                            stall=(progress, stall_seconds(opts.runtime)))
+        if status != 0:
+            salvage(progress, status == LAB_FAILED)
         return status
+
+
+def run_timeout(runtime: int) -> float:
+    """Seconds one VMM's run may take: a boot (under a minute even in a busy lab) and the jobs."""
+    return 240 + 4 * runtime * len(JOBS)
+
+
+def stall_seconds(runtime: int) -> float:
+    """How long the lab may go without saving progress before the host takes it for wedged: a
+    VMM run that hangs is stopped at :func:`run_timeout` and saves as it starts again."""
+    return run_timeout(runtime) + 300
+
+
+def salvage(progress: str, lab_failed: bool) -> None:
+    """After a run in the lab that did not finish: say where it stopped, and print the rounds it finished."""
+    why = ("the KVM lab itself failed or stopped making progress (see its console above and docs/lab.md)"
+           if lab_failed else "the benchmark failed in the lab")
+    try:
+        with open(progress) as f:
+            state = json.load(f)
+    except (OSError, ValueError):
+        log(f"{why}, before its first run ended: run the benchmark again")
+        return
+    rounds = complete_rounds(state["results"], state["limits"])
+    log(f"{why}, during {state['doing']}; {rounds} round{'s' if rounds != 1 else ''} finished before it"
+        + (": their table follows" if rounds else ""))
+    if rounds:
+        report(state, state["results"], state["limits"], state["counters"])
 
 
 if __name__ == "__main__":
