@@ -462,11 +462,11 @@ def salvage(progress: str, lab_failed: bool) -> None:
         with open(progress) as f:
             state = json.load(f)
     except (OSError, ValueError):
-        log(f"{why}, before its first run ended: run the benchmark again")
+        log(f"{why}, before its first run started: run the benchmark again")
         return
     rounds = complete_rounds(state["results"], state["limits"])
     log(f"{why}, during {state['doing']}; {rounds} round{'s' if rounds != 1 else ''} finished before it"
-        + (": their table follows" if rounds else ""))
+        + (": the table of what finished follows" if rounds else ""))
     if rounds:
         report(state, state["results"], state["limits"], state["counters"])
 

@@ -53,10 +53,10 @@ def test_a_lab_that_stopped_before_any_round_ended_says_so(tmp_path, capsys):
     assert out == ""
 
 
-def test_no_progress_file_means_no_run_ended(tmp_path, capsys):
+def test_no_progress_file_means_no_run_started(tmp_path, capsys):
     blk.salvage(str(tmp_path / "missing.json"), lab_failed=True)
     out, err = capsys.readouterr()
-    assert "before its first run ended" in err and out == ""
+    assert "before its first run started" in err and out == ""
 
 
 def test_the_lab_may_go_quiet_for_longer_than_one_run_may_take():
