@@ -349,7 +349,7 @@ def report(header: dict, results: dict[str, list[dict[str, float]]], limits: lis
         # (by half in a busy lab), and within a round the three runs are minutes apart.
         return statistics.median(v[job] / o[job] for v, o in zip(results["vmmkit"], over))
 
-    engine = header.get("engine")
+    engine = header["engine"]
     print(f"\nblk benchmark: {header['size_mib']} MiB raw image, fio libaio direct=1 iodepth=32, "
           f"{header['runtime']}s per job, {n} round{'s' if n > 1 else ''} (medians; ratios are medians of "
           f"each round's), guest 1 vCPU {header['memory']}, kernel {header['release']}")
